@@ -1,0 +1,66 @@
+"""Field-level envelope encryption for SQLAlchemy, with data keys wrapped by AWS KMS."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .envelope import DataKey
+from .exc import (
+    ConfigurationError,
+    DecryptionError,
+    EncryptionError,
+    KeyNotFoundError,
+    KeyStateError,
+    KmsFieldError,
+    MasterKeyError,
+    UnsupportedOperationError,
+)
+from .key_store import KeyState, SqlKeyStore, StoredKey
+from .master_keys import AwsKmsMasterKey, LocalMasterKey, MasterKey
+from .registry import (
+    KeyRegistry,
+    configure,
+    create_data_key,
+    get_registry,
+    preload,
+    rotate_data_key,
+)
+from .types import Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText
+
+try:
+    __version__ = version("sqlalchemy-kms-field")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+# Alembic renders user types as "<module>.<repr>": make that the public, stable path.
+for _cls in (Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText):
+    _cls.__module__ = __name__
+del _cls
+
+__all__ = [
+    "AwsKmsMasterKey",
+    "ConfigurationError",
+    "DataKey",
+    "DecryptionError",
+    "Encrypted",
+    "EncryptedBytes",
+    "EncryptedJSON",
+    "EncryptedString",
+    "EncryptedText",
+    "EncryptionError",
+    "KeyNotFoundError",
+    "KeyRegistry",
+    "KeyState",
+    "KeyStateError",
+    "KmsFieldError",
+    "LocalMasterKey",
+    "MasterKey",
+    "MasterKeyError",
+    "SqlKeyStore",
+    "StoredKey",
+    "UnsupportedOperationError",
+    "__version__",
+    "configure",
+    "create_data_key",
+    "get_registry",
+    "preload",
+    "rotate_data_key",
+]

@@ -1,0 +1,192 @@
+"""The stored-value format and the AEAD around it. No SQLAlchemy here.
+
+A stored value is an ASCII header followed by the AEAD output::
+
+    kf1:<key name>:<key version>:<body>
+
+``kf1`` names format version 1. ``<body>`` is ``nonce (12 bytes) || ciphertext || tag (16 bytes)``
+of AES-256-GCM-SIV (RFC 8452) over the plaintext, with the header (everything up to and including
+the third ``:``) as associated data. Text columns store the body as base64url without padding;
+binary columns store the header bytes followed by the raw body.
+
+The header is authenticated: editing the key name or version in the database makes decryption
+fail. Because the header is plain ASCII, SQL alone can count the rows on each key version
+(``WHERE col LIKE 'kf1:pii:2:%'``).
+
+AES-GCM-SIV derives a fresh key per nonce, so random 96-bit nonces do not hit GCM's 2^32
+messages-per-key limit, and a repeated nonce would only reveal that two plaintexts are equal.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
+
+from .exc import ConfigurationError, DecryptionError, EncryptionError
+
+FORMAT: Final = "kf1"
+NONCE_SIZE: Final = 12
+TAG_SIZE: Final = 16
+KEY_SIZE: Final = 32
+MAX_VERSION_DIGITS: Final = 9
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
+_HEADER = re.compile(r"kf1:([A-Za-z0-9][A-Za-z0-9.-]{0,62}):([1-9][0-9]{0,8}):")
+_HEADER_BYTES = re.compile(rb"kf1:([A-Za-z0-9][A-Za-z0-9.-]{0,62}):([1-9][0-9]{0,8}):")
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def check_key_name(name: str) -> str:
+    """Return ``name`` if it can be a data key name, else raise ConfigurationError."""
+    if not isinstance(name, str) or not _KEY_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"invalid data key name {name!r}: use 1 to 63 characters of letters, digits, "
+            "'.' and '-', starting with a letter or digit"
+        )
+    return name
+
+
+def header(name: str, version: int) -> str:
+    """The header of values written under data key ``name`` version ``version``."""
+    if not 1 <= version < 10**MAX_VERSION_DIGITS:
+        raise ConfigurationError(f"data key version must be 1 to 999999999, got {version}")
+    return f"{FORMAT}:{check_key_name(name)}:{version}:"
+
+
+def parse_header(value: str | bytes) -> tuple[str, int] | None:
+    """Return ``(key name, version)`` if ``value`` starts with our header, else None."""
+    if isinstance(value, str):
+        m = _HEADER.match(value)
+        return (m.group(1), int(m.group(2))) if m else None
+    mb = _HEADER_BYTES.match(value)
+    return (mb.group(1).decode("ascii"), int(mb.group(2))) if mb else None
+
+
+def is_ciphertext(value: str | bytes) -> bool:
+    """True if ``value`` is a complete value in our format (header and a body long enough)."""
+    if isinstance(value, str):
+        m = _HEADER.match(value)
+        if not m:
+            return False
+        body = value[m.end() :]
+        return bool(_BASE64URL.fullmatch(body)) and len(body) >= _encoded_len(NONCE_SIZE + TAG_SIZE)
+    mb = _HEADER_BYTES.match(value)
+    return mb is not None and len(value) - mb.end() >= NONCE_SIZE + TAG_SIZE
+
+
+def text_length(plaintext_bytes: int, name: str) -> int:
+    """Characters a text column needs for a plaintext of at most ``plaintext_bytes`` bytes."""
+    head = len(FORMAT) + len(name) + MAX_VERSION_DIGITS + 3
+    return head + _encoded_len(NONCE_SIZE + plaintext_bytes + TAG_SIZE)
+
+
+def binary_length(plaintext_bytes: int, name: str) -> int:
+    """Bytes a binary column needs for a plaintext of at most ``plaintext_bytes`` bytes."""
+    return (
+        len(FORMAT) + len(name) + MAX_VERSION_DIGITS + 3 + NONCE_SIZE + plaintext_bytes + TAG_SIZE
+    )
+
+
+def _encoded_len(n: int) -> int:
+    return (4 * n + 2) // 3
+
+
+def b64encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def b64decode(body: str) -> bytes:
+    """Strict base64url without padding: any character or bit out of place is an error."""
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise ValueError("not base64url") from exc
+    if b64encode(raw) != body:  # rejects foreign characters and non-zero padding bits
+        raise ValueError("not canonical base64url")
+    return raw
+
+
+class DataKey:
+    """One version of a data key, unwrapped, ready to encrypt and decrypt.
+
+    The key bytes live only inside the AEAD object; the repr shows the name and version.
+    """
+
+    __slots__ = ("_aead", "header", "header_bytes", "name", "version")
+
+    def __init__(self, name: str, version: int, key: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise ConfigurationError(
+                f"data key {name!r} version {version} is {len(key)} bytes, expected {KEY_SIZE}"
+            )
+        self.name = name
+        self.version = version
+        self.header = header(name, version)
+        self.header_bytes = self.header.encode("ascii")
+        self._aead = AESGCMSIV(key)
+
+    def __repr__(self) -> str:
+        return f"DataKey(name={self.name!r}, version={self.version})"
+
+    # Encryption ---------------------------------------------------------------------------
+
+    def seal(self, plaintext: bytes) -> bytes:
+        """``nonce || ciphertext || tag`` with the header as associated data."""
+        return self._seal(plaintext, os.urandom(NONCE_SIZE))
+
+    def _seal(self, plaintext: bytes, nonce: bytes) -> bytes:
+        # Separate from seal() so that known-answer tests can fix the nonce.
+        return nonce + self._aead.encrypt(nonce, plaintext, self.header_bytes)
+
+    def encrypt_text(self, plaintext: bytes) -> str:
+        return self.header + b64encode(self.seal(plaintext))
+
+    def encrypt_binary(self, plaintext: bytes) -> bytes:
+        return self.header_bytes + self.seal(plaintext)
+
+    # Decryption ---------------------------------------------------------------------------
+
+    def open(self, body: bytes) -> bytes:
+        """Decrypt ``nonce || ciphertext || tag``; raises DecryptionError naming this key."""
+        if len(body) < NONCE_SIZE + TAG_SIZE:
+            raise self._error("the value is truncated")
+        try:
+            return self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], self.header_bytes)
+        except InvalidTag:
+            raise self._error(
+                "authentication failed (the stored value was altered, or was not written "
+                "under this key version)"
+            ) from None
+
+    def decrypt_text(self, value: str) -> bytes:
+        """Decrypt a text value whose header is this key's (the caller matched it)."""
+        try:
+            body = b64decode(value[len(self.header) :])
+        except ValueError:
+            raise self._error("the body is not valid base64url") from None
+        return self.open(body)
+
+    def decrypt_binary(self, value: bytes) -> bytes:
+        return self.open(value[len(self.header_bytes) :])
+
+    def _error(self, reason: str) -> DecryptionError:
+        return DecryptionError(
+            f"cannot decrypt a value under data key {self.name!r} version {self.version}: {reason}"
+        )
+
+
+def refuse_ciphertext(value: str | bytes) -> None:
+    """Invariant 2: a value that is already our ciphertext must not be encrypted again."""
+    if is_ciphertext(value):
+        found = parse_header(value)
+        assert found is not None
+        raise EncryptionError(
+            f"refusing to encrypt a value that is already ciphertext (data key {found[0]!r} "
+            f"version {found[1]}); copy the stored value as it is, or decrypt it first"
+        )

@@ -1,0 +1,48 @@
+"""Errors raised by sqlalchemy-kms-field.
+
+Every message names what an operator can act on (key name, key version,
+table.column, the setting to change) and never a key or a plaintext.
+"""
+
+from __future__ import annotations
+
+
+class KmsFieldError(Exception):
+    """Base class of every error this library raises."""
+
+
+class ConfigurationError(KmsFieldError):
+    """The library is not configured, or a setting is invalid."""
+
+
+class KeyNotFoundError(KmsFieldError):
+    """A data key name or version is not in the key store."""
+
+
+class KeyStateError(KmsFieldError):
+    """A data key version exists but may not be used this way (retired, destroyed)."""
+
+
+class MasterKeyError(KmsFieldError):
+    """The master key (AWS KMS or local) refused or failed to wrap or unwrap a data key.
+
+    ``code`` carries the KMS error code (``AccessDeniedException``,
+    ``DisabledException``, ``NotFoundException``, ``InvalidCiphertextException``, ...)
+    or a short code of our own for local keys and connection failures.
+    """
+
+    def __init__(self, message: str, *, code: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class EncryptionError(KmsFieldError):
+    """A value cannot be encrypted (wrong type, already our ciphertext, too long)."""
+
+
+class DecryptionError(KmsFieldError):
+    """A stored value does not parse or does not authenticate: it is never returned as plaintext."""
+
+
+class UnsupportedOperationError(KmsFieldError, TypeError):
+    """An SQL operation that means nothing on randomly encrypted values (``==``, LIKE, ordering)."""

@@ -1,0 +1,407 @@
+"""SQLAlchemy column types that encrypt on bind and decrypt on result.
+
+The types only delegate: the stored format lives in ``envelope``, the keys in ``registry``.
+Constructor arguments are hashable and not secret, so the statement cache key and Alembic's
+rendering show ``EncryptedString(320, key='pii')`` and nothing else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import enum
+import json
+import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql import operators
+from sqlalchemy.types import TypeDecorator, TypeEngine
+
+from . import envelope
+from .envelope import DataKey
+from .exc import (
+    DecryptionError,
+    EncryptionError,
+    KeyNotFoundError,
+    KeyStateError,
+    UnsupportedOperationError,
+)
+from .registry import get_registry
+
+T = TypeVar("T")
+
+DEFAULT_KEY = "default"
+
+# Operators that mean something on ciphertext: NULL checks only.
+_NULL_OPS = {operators.is_, operators.is_not}
+_NULLABLE_EQ = {operators.eq, operators.ne}
+
+
+class _Comparator(TypeDecorator.Comparator[Any]):
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+        self._check(op, other)
+        return super().operate(op, *other, **kwargs)
+
+    def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
+        self._check(op, (other,))
+        return super().reverse_operate(op, other, **kwargs)
+
+    def _check(self, op: Any, other: tuple[Any, ...]) -> None:
+        if op in _NULL_OPS or (op in _NULLABLE_EQ and len(other) == 1 and other[0] is None):
+            return
+        name = getattr(op, "__name__", str(op)).rstrip("_")
+        raise UnsupportedOperationError(
+            f"cannot apply {name!r} to encrypted column {_describe(self.expr)}: values are "
+            "encrypted with random nonces, so SQL comparisons, LIKE and ordering on them mean "
+            "nothing; filter on another column, or compare after loading (IS NULL works)"
+        )
+
+
+def _describe(expr: Any) -> str:
+    table = getattr(getattr(expr, "table", None), "name", None)
+    name = getattr(expr, "name", None) or "expression"
+    return f"{table}.{name}" if table else str(name)
+
+
+class _EncryptedType(TypeDecorator[T]):
+    """Shared machinery. Subclasses set ``_binary`` and implement the two codec methods."""
+
+    cache_ok = True
+    impl: Any = sa.Text
+    comparator_factory = _Comparator
+    _binary = False
+
+    key: str
+    accept_plaintext: bool
+
+    def _setup(self, key: str, accept_plaintext: bool) -> None:
+        self.key = envelope.check_key_name(key)
+        self.accept_plaintext = bool(accept_plaintext)
+
+    # Codec: plaintext Python value <-> bytes -----------------------------------------------
+
+    def _serialize(self, value: Any) -> bytes:
+        raise NotImplementedError
+
+    def _deserialize(self, data: bytes) -> T:
+        raise NotImplementedError
+
+    def _from_plaintext(self, value: Any) -> T:
+        """A header-less stored value read in plaintext-migration mode."""
+        return value  # type: ignore[no-any-return]
+
+    # SQLAlchemy hooks -----------------------------------------------------------------------
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        data = self._serialize(value)
+        key = get_registry().active_key(self.key)
+        if self._binary:
+            return key.encrypt_binary(data)
+        return key.encrypt_text(data)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> T | None:
+        if value is None:
+            return None
+        if self._binary:
+            value = bytes(value)
+            found = envelope.parse_header(value)
+            if found is None:
+                return self._plaintext_or_fail(value)
+            return self._deserialize(self._key(*found).decrypt_binary(value))
+        head = value.rpartition(":")[0]
+        key = get_registry().key_for_header(head)
+        if key is None or key.name != self.key:
+            found = envelope.parse_header(value)
+            if found is None:
+                return self._plaintext_or_fail(value)
+            key = self._key(*found)
+        return self._deserialize(key.decrypt_text(value))
+
+    def process_literal_param(self, value: Any, dialect: Dialect) -> str:
+        raise UnsupportedOperationError(
+            f"refusing to render a value of {self!r} as a SQL literal: it would put the "
+            "plaintext into the SQL text; use bound parameters"
+        )
+
+    def _key(self, name: str, version: int) -> DataKey:
+        if name != self.key:
+            raise DecryptionError(
+                f"the value was written under data key {name!r} version {version}, but this "
+                f"column uses data key {self.key!r}: values cannot move between keys"
+            )
+        try:
+            return get_registry().data_key(name, version)
+        except (KeyNotFoundError, KeyStateError) as exc:
+            raise DecryptionError(
+                f"cannot decrypt a value under data key {name!r} version {version}: {exc}"
+            ) from exc
+
+    def _plaintext_or_fail(self, value: Any) -> T:
+        if self.accept_plaintext:
+            return self._from_plaintext(value)
+        raise DecryptionError(
+            f"a value in a column encrypted with data key {self.key!r} is not "
+            "sqlalchemy-kms-field ciphertext (no 'kf1:' header); if the column is being "
+            "migrated from plaintext, declare it with accept_plaintext=True"
+        )
+
+    def _refuse_ciphertext(self, value: str | bytes) -> None:
+        if value[:4] in ("kf1:", b"kf1:"):
+            envelope.refuse_ciphertext(value)
+
+    def _mysql_text(self, dialect: Dialect, length: int | None) -> TypeEngine[Any]:
+        # ASCII with a binary collation: ciphertext is ASCII, compare-and-swap and the
+        # header census must be exact (case-sensitive), and it takes a quarter of the space.
+        if length is not None and length <= 16000:
+            return dialect.type_descriptor(
+                mysql.VARCHAR(length, charset="ascii", collation="ascii_bin")
+            )
+        return dialect.type_descriptor(mysql.LONGTEXT(charset="ascii", collation="ascii_bin"))
+
+    def _args_repr(self, *positional: str) -> str:
+        args = [p for p in positional if p]
+        if self.key != DEFAULT_KEY:
+            args.append(f"key={self.key!r}")
+        if self.accept_plaintext:
+            args.append("accept_plaintext=True")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+
+class EncryptedString(_EncryptedType[str]):
+    """A string of at most ``length`` characters, stored encrypted.
+
+    ``length`` counts plaintext characters: the database column is sized for the ciphertext of
+    ``length`` characters of any Unicode text (about 5.5 times as many ASCII characters).
+    ``accept_plaintext=True`` reads header-less values as plaintext, for the window of
+    ``op.encrypt_column``; values with a header must still authenticate.
+    """
+
+    cache_ok = True
+    impl = sa.String
+
+    def __init__(
+        self, length: int | None = None, key: str = DEFAULT_KEY, accept_plaintext: bool = False
+    ) -> None:
+        self._setup(key, accept_plaintext)
+        self.length = length
+        if length is None:
+            super().__init__()
+        else:
+            super().__init__(envelope.text_length(4 * length, self.key))
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            n = None if self.length is None else envelope.text_length(4 * self.length, self.key)
+            return self._mysql_text(dialect, n)
+        return self.impl_instance
+
+    def _serialize(self, value: Any) -> bytes:
+        if not isinstance(value, str):
+            raise EncryptionError(f"{self!r} takes str values, got {type(value).__name__}")
+        if self.length is not None and len(value) > self.length:
+            raise EncryptionError(
+                f"a value of {len(value)} characters does not fit {self!r}; raise the length"
+            )
+        self._refuse_ciphertext(value)
+        return value.encode("utf-8")
+
+    def _deserialize(self, data: bytes) -> str:
+        return data.decode("utf-8")
+
+    def __repr__(self) -> str:
+        return self._args_repr("" if self.length is None else str(self.length))
+
+
+class EncryptedText(EncryptedString):
+    """Text of any length, stored encrypted (LONGTEXT on MySQL/MariaDB)."""
+
+    cache_ok = True
+    impl = sa.Text
+
+    def __init__(self, key: str = DEFAULT_KEY, accept_plaintext: bool = False) -> None:
+        super().__init__(None, key=key, accept_plaintext=accept_plaintext)
+
+    def __repr__(self) -> str:
+        return self._args_repr()
+
+
+class EncryptedBytes(_EncryptedType[bytes]):
+    """Binary data, stored as the header bytes followed by the raw AEAD output."""
+
+    cache_ok = True
+
+    impl = sa.LargeBinary
+    _binary = True
+
+    def __init__(
+        self, length: int | None = None, key: str = DEFAULT_KEY, accept_plaintext: bool = False
+    ) -> None:
+        self._setup(key, accept_plaintext)
+        self.length = length
+        if length is None:
+            super().__init__()
+        else:
+            super().__init__(envelope.binary_length(length, self.key))
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb") and self.length is None:
+            return dialect.type_descriptor(mysql.LONGBLOB())
+        return self.impl_instance
+
+    def _serialize(self, value: Any) -> bytes:
+        if not isinstance(value, (bytes, bytearray, memoryview)):
+            raise EncryptionError(f"{self!r} takes bytes values, got {type(value).__name__}")
+        data = bytes(value)
+        if self.length is not None and len(data) > self.length:
+            raise EncryptionError(f"a value of {len(data)} bytes does not fit {self!r}")
+        self._refuse_ciphertext(data)
+        return data
+
+    def _deserialize(self, data: bytes) -> bytes:
+        return data
+
+    def __repr__(self) -> str:
+        return self._args_repr("" if self.length is None else str(self.length))
+
+
+class EncryptedJSON(_EncryptedType[Any]):
+    """A JSON document (dict, list, str, number, bool), stored encrypted. None is SQL NULL.
+
+    Changes inside a loaded dict are not tracked: assign a new value to save a change.
+    """
+
+    cache_ok = True
+
+    def __init__(self, key: str = DEFAULT_KEY, accept_plaintext: bool = False) -> None:
+        self._setup(key, accept_plaintext)
+        super().__init__()
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return self._mysql_text(dialect, None)
+        return self.impl_instance
+
+    def _serialize(self, value: Any) -> bytes:
+        if isinstance(value, str):
+            self._refuse_ciphertext(value)
+        try:
+            return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        except (TypeError, ValueError) as exc:
+            raise EncryptionError(
+                f"{self!r} takes JSON-serializable values, got {type(value).__name__}"
+            ) from exc
+
+    def _deserialize(self, data: bytes) -> Any:
+        return json.loads(data)
+
+    def _from_plaintext(self, value: Any) -> Any:
+        return json.loads(value)
+
+    def __repr__(self) -> str:
+        return self._args_repr()
+
+
+# Generic wrapper ---------------------------------------------------------------------------
+
+Codec = tuple[type | tuple[type, ...], Callable[[Any], str], Callable[[str], Any]]
+
+
+def _enum_codec(inner: sa.Enum) -> Codec:
+    enum_class = inner.enum_class
+    if enum_class is not None:
+        return enum.Enum, lambda v: enum_class(v).name, lambda s: enum_class[s]
+
+    def check(v: Any) -> str:
+        if v not in inner.enums:
+            raise EncryptionError(f"{v!r} is not one of the values of {inner!r}")
+        return str(v)
+
+    return str, check, str
+
+
+def _codec(inner: TypeEngine[Any]) -> Codec:
+    """How a value of ``inner``'s Python type becomes text and back, losslessly."""
+    if isinstance(inner, sa.Enum):
+        return _enum_codec(inner)
+    if isinstance(inner, sa.Boolean):
+        return bool, lambda v: "1" if v else "0", lambda s: s == "1"
+    if isinstance(inner, sa.DateTime):
+        return dt.datetime, dt.datetime.isoformat, dt.datetime.fromisoformat
+    if isinstance(inner, sa.Date):
+        return dt.date, dt.date.isoformat, dt.date.fromisoformat
+    if isinstance(inner, sa.Time):
+        return dt.time, dt.time.isoformat, dt.time.fromisoformat
+    if isinstance(inner, sa.Interval):
+        return (
+            dt.timedelta,
+            lambda v: f"{v.days}:{v.seconds}:{v.microseconds}",
+            lambda s: dt.timedelta(*map(int, s.split(":"))),
+        )
+    if isinstance(inner, sa.Uuid):
+        if inner.as_uuid:
+            return uuid.UUID, str, uuid.UUID
+        return str, lambda v: str(uuid.UUID(v)), str
+    if isinstance(inner, sa.Integer):
+        return int, str, int
+    if isinstance(inner, sa.Float) and not inner.asdecimal:
+        return (float, int), lambda v: repr(float(v)), float
+    if isinstance(inner, sa.Numeric):
+        return (decimal.Decimal, int), str, decimal.Decimal
+    if isinstance(inner, (sa.String, sa.LargeBinary, sa.JSON)):
+        raise TypeError(
+            f"use EncryptedString, EncryptedBytes or EncryptedJSON, not Encrypted({inner!r})"
+        )
+    raise TypeError(f"Encrypted() does not know how to serialize {inner!r} yet")
+
+
+class Encrypted(_EncryptedType[Any]):
+    """Encrypt a value of another column type: ``Encrypted(sa.Date(), key="pii")``.
+
+    Supported: Date, DateTime (with or without time zone), Time, Interval, Integer, Numeric,
+    Float, Boolean, Enum and Uuid. Each value is serialized losslessly to text (ISO 8601 for
+    times, the member name for enums) and comes back as the same Python type.
+    """
+
+    cache_ok = True
+    impl = sa.String
+
+    def __init__(
+        self, inner: TypeEngine[Any], key: str = DEFAULT_KEY, accept_plaintext: bool = False
+    ) -> None:
+        self._setup(key, accept_plaintext)
+        self.inner = sa.types.to_instance(inner)
+        self._py_type, self._encode, self._decode = _codec(self.inner)
+        super().__init__(envelope.text_length(255, self.key))
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return self._mysql_text(dialect, envelope.text_length(255, self.key))
+        return self.impl_instance
+
+    def _serialize(self, value: Any) -> bytes:
+        if not isinstance(value, self._py_type) or (
+            isinstance(value, bool) and self._py_type in (int, (float, int), (decimal.Decimal, int))
+        ):
+            raise EncryptionError(f"{self!r} cannot store a {type(value).__name__}")
+        text = self._encode(value)
+        if len(text) > 255:
+            raise EncryptionError(f"the serialized value is too long for {self!r}")
+        return text.encode("utf-8")
+
+    def _deserialize(self, data: bytes) -> Any:
+        return self._decode(data.decode("utf-8"))
+
+    def _from_plaintext(self, value: Any) -> Any:
+        return self._decode(value)
+
+    def __repr__(self) -> str:
+        inner = repr(self.inner)
+        if type(self.inner).__module__.startswith("sqlalchemy."):
+            inner = "sa." + inner  # Alembic's migration files import sqlalchemy as sa
+        return self._args_repr(inner)

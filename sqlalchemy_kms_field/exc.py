@@ -46,3 +46,19 @@ class DecryptionError(KmsFieldError):
 
 class UnsupportedOperationError(KmsFieldError, TypeError):
     """An SQL operation that means nothing on randomly encrypted values (``==``, LIKE, ordering)."""
+
+
+class ReencryptionError(KmsFieldError):
+    """A batch of a re-encryption job failed; nothing of that batch was written.
+
+    ``table``, ``column`` and ``primary_key`` name the row that failed (when one did).
+    Every row stays readable and a rerun resumes from the last committed batch.
+    """
+
+    def __init__(
+        self, message: str, *, table: str, column: str, primary_key: object = None
+    ) -> None:
+        super().__init__(message)
+        self.table = table
+        self.column = column
+        self.primary_key = primary_key

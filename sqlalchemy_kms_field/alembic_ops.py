@@ -1,0 +1,223 @@
+"""Alembic operations for data keys and column re-encryption.
+
+Import this module in ``env.py`` (``import sqlalchemy_kms_field.alembic_ops``) and configure the
+registry there (``sqlalchemy_kms_field.configure(...)``); then, in a migration::
+
+    def upgrade():
+        op.rotate_data_key("pii")
+        op.reencrypt_column("users", "email", key="pii", batch_size=2000)
+
+Alembic runs a migration inside a transaction, but a re-encryption must commit batch by batch
+so that a killed job loses nothing and resumes. The operations therefore enter Alembic's
+``autocommit_block()``: the migration's transaction so far is COMMITTED first, then each batch
+commits on its own connection together with its checkpoint. Keep data-key operations in a
+migration of their own, with no schema changes after them. If the job is killed, the revision
+is not stamped; running ``alembic upgrade`` again resumes where it stopped. ``rotate_data_key``
+does not rotate again on that rerun while a re-encryption to the active version is unfinished.
+
+Offline ``--sql`` mode is refused: re-encryption needs Python, not SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from alembic.operations import MigrateOperation, Operations
+
+from . import census
+from .exc import ConfigurationError
+from .lifecycle import rewrap_data_keys
+from .reencrypt import Operation, run_job, unfinished_jobs
+from .registry import get_registry
+
+log = logging.getLogger(__name__)
+
+
+def _online(operations: Operations, what: str) -> None:
+    if operations.get_context().as_sql:
+        raise ConfigurationError(
+            f"op.{what}() cannot run in offline --sql mode: it needs Python to encrypt and "
+            "decrypt; run this migration online (without --sql)"
+        )
+
+
+@Operations.register_operation("create_key_store")
+class CreateKeyStoreOp(MigrateOperation):
+    """Create the tables the library uses: wrapped data keys, job checkpoints, known columns."""
+
+    @classmethod
+    def create_key_store(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+
+@Operations.implementation_for(CreateKeyStoreOp)
+def _create_key_store(operations: Operations, operation: CreateKeyStoreOp) -> None:
+    _online(operations, "create_key_store")
+    bind = operations.get_bind()
+    registry = get_registry()
+    registry.key_store.metadata.create_all(bind, checkfirst=True)
+    census.create_tables(bind)
+
+
+@Operations.register_operation("create_data_key")
+class CreateDataKeyOp(MigrateOperation):
+    """Create version 1 of a data key (nothing happens if the key already exists)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def create_data_key(cls, operations: Operations, name: str) -> Any:
+        return operations.invoke(cls(name))
+
+
+@Operations.implementation_for(CreateDataKeyOp)
+def _create_data_key(operations: Operations, operation: CreateDataKeyOp) -> None:
+    _online(operations, "create_data_key")
+    with operations.get_context().autocommit_block():
+        get_registry().create_data_key(operation.name, exist_ok=True)
+
+
+@Operations.register_operation("rotate_data_key")
+class RotateDataKeyOp(MigrateOperation):
+    """Make a new data key version active, unless a re-encryption to the active one is unfinished.
+
+    The exception makes a rerun after a killed ``reencrypt_column`` resume that job instead of
+    rotating once more.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def rotate_data_key(cls, operations: Operations, name: str) -> Any:
+        return operations.invoke(cls(name))
+
+
+@Operations.implementation_for(RotateDataKeyOp)
+def _rotate_data_key(operations: Operations, operation: RotateDataKeyOp) -> None:
+    _online(operations, "rotate_data_key")
+    registry = get_registry()
+    with operations.get_context().autocommit_block():
+        active = registry.key_store.active_version(operation.name)
+        engine = operations.get_bind().engine
+        pending = [
+            job
+            for job in unfinished_jobs(engine, operation.name)
+            if job.operation == "reencrypt" and job.target_version == active
+        ]
+        if pending:
+            log.info("data key %r: re-encryption to version %s unfinished; resuming it rather "
+                     "than rotating again", operation.name, active)  # fmt: skip
+            return
+        registry.rotate_data_key(operation.name)
+
+
+class _ColumnJobOp(MigrateOperation):
+    operation: Operation
+
+    def __init__(self, table: str, column: str, key: str, kwargs: dict[str, Any]) -> None:
+        self.table = table
+        self.column = column
+        self.key = key
+        self.kwargs = kwargs
+
+
+def _run_column_job(operations: Operations, op: _ColumnJobOp) -> None:
+    _online(operations, f"{op.operation}_column")
+    with operations.get_context().autocommit_block():
+        engine = operations.get_bind().engine
+        run_job(engine, op.table, op.column, key=op.key, operation=op.operation, **op.kwargs)
+
+
+@Operations.register_operation("reencrypt_column")
+class ReencryptColumnOp(_ColumnJobOp):
+    """Re-encrypt every row of a column to the active version of its data key."""
+
+    operation: Operation = "reencrypt"
+
+    @classmethod
+    def reencrypt_column(
+        cls,
+        operations: Operations,
+        table_name: str,
+        column_name: str,
+        *,
+        key: str,
+        schema: str | None = None,
+        batch_size: int = 2000,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs.update(schema=schema, batch_size=batch_size)
+        return operations.invoke(cls(table_name, column_name, key, kwargs))
+
+
+@Operations.register_operation("encrypt_column")
+class EncryptColumnOp(_ColumnJobOp):
+    """Encrypt an existing plaintext column in place (widen it first)."""
+
+    operation: Operation = "encrypt"
+
+    @classmethod
+    def encrypt_column(
+        cls,
+        operations: Operations,
+        table_name: str,
+        column_name: str,
+        *,
+        key: str,
+        schema: str | None = None,
+        batch_size: int = 2000,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs.update(schema=schema, batch_size=batch_size)
+        return operations.invoke(cls(table_name, column_name, key, kwargs))
+
+    def reverse(self) -> MigrateOperation:
+        return DecryptColumnOp(self.table, self.column, self.key, self.kwargs)
+
+
+@Operations.register_operation("decrypt_column")
+class DecryptColumnOp(_ColumnJobOp):
+    """Decrypt an encrypted column back to plaintext in place."""
+
+    operation: Operation = "decrypt"
+
+    @classmethod
+    def decrypt_column(
+        cls,
+        operations: Operations,
+        table_name: str,
+        column_name: str,
+        *,
+        key: str,
+        schema: str | None = None,
+        batch_size: int = 2000,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs.update(schema=schema, batch_size=batch_size)
+        return operations.invoke(cls(table_name, column_name, key, kwargs))
+
+    def reverse(self) -> MigrateOperation:
+        return EncryptColumnOp(self.table, self.column, self.key, self.kwargs)
+
+
+for _op in (ReencryptColumnOp, EncryptColumnOp, DecryptColumnOp):
+    Operations.implementation_for(_op)(_run_column_job)
+
+
+@Operations.register_operation("rewrap_data_keys")
+class RewrapDataKeysOp(MigrateOperation):
+    """Rewrap every data key under the configured master key; no data row changes."""
+
+    @classmethod
+    def rewrap_data_keys(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+
+@Operations.implementation_for(RewrapDataKeysOp)
+def _rewrap(operations: Operations, operation: RewrapDataKeysOp) -> None:
+    _online(operations, "rewrap_data_keys")
+    with operations.get_context().autocommit_block():
+        rewrap_data_keys()

@@ -1,0 +1,574 @@
+"""Batched, resumable, compare-and-swap rewriting of an encrypted column, in SQLAlchemy Core.
+
+One engine serves three jobs: ``reencrypt`` (every row to the active data key version),
+``encrypt`` (plaintext column to ciphertext, in place) and ``decrypt`` (the way back out).
+
+How it cannot lose data:
+
+* Keyset pagination by primary key; rows that need no work are filtered out by SQL on the
+  header prefix, without decrypting them.
+* Each batch is computed first (decrypt, encrypt), then written in ONE transaction together
+  with its checkpoint in ``kms_field_jobs``. A kill at any moment leaves either the whole batch
+  and its checkpoint, or neither; a rerun resumes after the last committed batch.
+* Every write is compare-and-swap: ``UPDATE t SET col = :new WHERE pk = :pk AND col = :old``.
+  A row the application changed meanwhile is left alone, and picked up again by the census.
+* After a sweep, a census by SQL alone counts the rows still needing work (for example rows
+  written by a process whose active version had not refreshed yet) and sweeps again, until
+  none are left or ``settle_timeout`` passes. Only then is the job marked finished.
+* No ORM is involved, so no ORM events fire.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from . import census, envelope
+from .census import ColumnRef
+from .envelope import DataKey
+from .exc import ConfigurationError, KmsFieldError, ReencryptionError
+from .registry import KeyRegistry, get_registry
+
+log = logging.getLogger(__name__)
+
+Operation = Literal["reencrypt", "encrypt", "decrypt"]
+ProgressCallback = Callable[[int, int], None]  # (rows done in this run, rows to do at start)
+
+jobs_table = sa.Table(
+    "kms_field_jobs",
+    census._metadata,
+    sa.Column("table_schema", sa.String(128), primary_key=True),
+    sa.Column("table_name", sa.String(128), primary_key=True),
+    sa.Column("column_name", sa.String(128), primary_key=True),
+    sa.Column("operation", sa.String(16), primary_key=True),
+    sa.Column("key_name", sa.String(64), nullable=False),
+    sa.Column("target_version", sa.Integer, nullable=True),
+    sa.Column("last_key", sa.Text, nullable=True),  # JSON list of the last primary key done
+    sa.Column("rows_done", sa.BigInteger, nullable=False),
+    sa.Column("rows_skipped", sa.BigInteger, nullable=False),
+    sa.Column("started_at", sa.DateTime, nullable=False),
+    sa.Column("updated_at", sa.DateTime, nullable=False),
+    sa.Column("finished_at", sa.DateTime, nullable=True),
+)
+
+
+@dataclass
+class JobResult:
+    """What a job did. ``finished`` is True once the census found no row left to do."""
+
+    column: ColumnRef
+    operation: Operation
+    target_version: int | None
+    rows_written: int = 0
+    rows_conflicted: int = 0  # changed by the application meanwhile; picked up again
+    sweeps: int = 0
+    remaining: int = 0
+    finished: bool = False
+    dry_run: bool = False
+    skipped: list[Any] = field(default_factory=list)  # primary keys of undecryptable rows
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+class _Transform:
+    """What one job does to one stored value, and which rows it concerns (by SQL alone)."""
+
+    def __init__(
+        self,
+        operation: Operation,
+        key: str,
+        target: DataKey | None,
+        registry: KeyRegistry,
+        binary: bool,
+    ) -> None:
+        self.operation = operation
+        self.key = key
+        self.target = target
+        self.registry = registry
+        self.binary = binary
+        self.key_prefix = f"{envelope.FORMAT}:{key}:"
+
+    def pending(self, col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+        """Rows this job still has to rewrite."""
+        if self.operation == "decrypt":
+            return self._starts(col, self.key_prefix)
+        done = self.key_prefix
+        if self.operation == "reencrypt":
+            assert self.target is not None
+            done = self.target.header
+        return sa.and_(col.is_not(None), sa.not_(self._starts(col, done)))
+
+    def _starts(self, col: sa.ColumnElement[Any], text: str) -> sa.ColumnElement[bool]:
+        return census.starts_with(col, text.encode("ascii") if self.binary else text)
+
+    def __call__(self, value: Any) -> Any:
+        if self.binary:
+            value = bytes(value)
+        found = envelope.parse_header(value)
+        if self.operation == "encrypt":
+            if found is not None:
+                raise KmsFieldError(
+                    f"value is already ciphertext under data key {found[0]!r} version {found[1]}"
+                )
+            assert self.target is not None
+            data = value if self.binary else value.encode("utf-8")
+            return self._seal(self.target, data)
+        if found is None:
+            raise KmsFieldError(
+                f"value is not ciphertext of data key {self.key!r} (no 'kf1:' header)"
+            )
+        name, version = found
+        if name != self.key:
+            raise KmsFieldError(f"value is under data key {name!r}, not {self.key!r}")
+        source = self.registry.data_key(name, version)
+        plaintext = source.decrypt_binary(value) if self.binary else source.decrypt_text(value)
+        if self.operation == "decrypt":
+            return plaintext if self.binary else plaintext.decode("utf-8")
+        assert self.target is not None
+        return self._seal(self.target, plaintext)
+
+    def _seal(self, key: DataKey, data: bytes) -> str | bytes:
+        return key.encrypt_binary(data) if self.binary else key.encrypt_text(data)
+
+
+def run_job(
+    engine: Engine,
+    table: str,
+    column: str,
+    *,
+    key: str,
+    operation: Operation = "reencrypt",
+    schema: str | None = None,
+    batch_size: int = 2000,
+    rows_per_second: float | None = None,
+    dry_run: bool = False,
+    skip_undecryptable: bool = False,
+    settle_timeout: float | None = None,
+    progress: ProgressCallback | None = None,
+    registry: KeyRegistry | None = None,
+) -> JobResult:
+    """Rewrite every row of ``table.column`` that needs it; see the module docstring.
+
+    ``settle_timeout`` bounds how long the job keeps sweeping rows that other processes are
+    still writing under an older version (default: twice the registry's ``active_ttl`` plus
+    30 seconds). ``skip_undecryptable`` records rows that fail to decrypt instead of stopping.
+    """
+    if batch_size < 1:
+        raise ConfigurationError("batch_size must be at least 1")
+    if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
+        raise ConfigurationError(
+            "re-encryption commits each batch on its own connection; an in-memory SQLite "
+            "database is private to one connection: use a database file"
+        )
+    registry = registry or get_registry()
+    envelope.check_key_name(key)
+    target = None if operation == "decrypt" else registry.active_key(key)
+    if settle_timeout is None:
+        settle_timeout = 2 * registry.active_ttl + 30
+
+    census.create_tables(engine)
+    t = census.reflect(engine, table, schema)
+    ref = ColumnRef(table, column, key, schema)
+    if column not in t.c:
+        raise ConfigurationError(f"table {t.fullname!r} has no column {column!r}")
+    col = t.c[column]
+    pk = list(t.primary_key.columns)
+    if not pk:
+        raise ConfigurationError(
+            f"table {t.fullname!r} has no primary key; re-encryption pages and writes by it"
+        )
+    transform = _Transform(operation, key, target, registry, census.is_binary(col))
+    result = JobResult(ref, operation, target.version if target else None, dry_run=dry_run)
+
+    with engine.connect() as conn:
+        todo = _count(conn, t, transform.pending(col))
+    if dry_run:
+        result.remaining = todo
+        return result
+
+    last = _start(engine, ref, operation, result.target_version)
+    job = _Job(
+        engine,
+        t,
+        ref,
+        operation,
+        transform,
+        pk,
+        col,
+        batch_size,
+        rows_per_second,
+        skip_undecryptable,
+        progress,
+        todo,
+        result,
+    )
+    deadline = None
+    while True:
+        job.sweep(last)
+        with engine.connect() as conn:
+            left = _count(conn, t, transform.pending(col)) - len(result.skipped)
+        result.remaining = max(left, 0)
+        if left <= 0:
+            break
+        # Rows written meanwhile under an old version (or conflicts): sweep again, bounded.
+        now = time.monotonic()
+        deadline = deadline or now + settle_timeout
+        if now >= deadline:
+            raise ReencryptionError(
+                f"{left} rows of {ref} still need {operation} after {settle_timeout:.0f} s of "
+                "sweeping: some process keeps writing under another data key version; check "
+                "that every process uses the same key store and active_ttl, then rerun",
+                table=str(ref.table),
+                column=ref.column,
+            )
+        log.info(
+            "%s of %s: %d rows left after sweep %d, sweeping again",
+            operation,
+            ref,
+            left,
+            result.sweeps,
+        )
+        time.sleep(min(1.0, settle_timeout / 10))
+        last = None
+    _finish(engine, ref, operation, skipped=len(result.skipped))
+    result.finished = True
+    log.info(
+        "%s of %s finished: %d rows written, %d conflicts, %d sweeps, %d skipped",
+        operation,
+        ref,
+        result.rows_written,
+        result.rows_conflicted,
+        result.sweeps,
+        len(result.skipped),
+    )
+    return result
+
+
+class _Job:
+    def __init__(
+        self,
+        engine: Engine,
+        t: sa.Table,
+        ref: ColumnRef,
+        operation: Operation,
+        transform: _Transform,
+        pk: Sequence[sa.Column[Any]],
+        col: sa.Column[Any],
+        batch_size: int,
+        rows_per_second: float | None,
+        skip_undecryptable: bool,
+        progress: ProgressCallback | None,
+        todo: int,
+        result: JobResult,
+    ) -> None:
+        self.engine, self.t, self.ref, self.operation = engine, t, ref, operation
+        self.transform, self.pk, self.col = transform, pk, col
+        self.batch_size, self.rate = batch_size, rows_per_second
+        self.skip_undecryptable, self.progress, self.todo = skip_undecryptable, progress, todo
+        self.result = result
+        self.skipped_set: set[tuple[Any, ...]] = set()
+        pk_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
+        self.pk_expr = pk_expr
+        self.page = (
+            sa.select(*pk, col).where(transform.pending(col)).order_by(*pk).limit(batch_size)
+        )
+        where = [c == sa.bindparam(f"pk_{i}", type_=c.type) for i, c in enumerate(pk)]
+        where.append(col == sa.bindparam("old_value", type_=col.type))
+        self.update = (
+            sa.update(t).where(*where).values({col.name: sa.bindparam("new_value", type_=col.type)})
+        )
+        self.pg_update = (
+            _pg_update(engine, t, pk, col) if engine.dialect.name == "postgresql" else None
+        )
+        self.checkpoint = (
+            sa.update(jobs_table)
+            .where(*_job_where(ref, operation))
+            .values(
+                last_key=sa.bindparam("last_key"),
+                rows_done=jobs_table.c.rows_done + sa.bindparam("n", type_=sa.BigInteger),
+                rows_skipped=jobs_table.c.rows_skipped + sa.bindparam("s", type_=sa.BigInteger),
+                updated_at=sa.bindparam("now"),
+            )
+        )
+
+    def sweep(self, last: tuple[Any, ...] | None) -> None:
+        self.result.sweeps += 1
+        while True:
+            started = time.monotonic()
+            last, count = self._batch(last)
+            if count == 0:
+                return
+            if self.rate:
+                time.sleep(max(0.0, count / self.rate - (time.monotonic() - started)))
+
+    def _batch(self, last: tuple[Any, ...] | None) -> tuple[tuple[Any, ...] | None, int]:
+        page = self.page
+        if last is not None:
+            bound = last[0] if len(self.pk) == 1 else sa.tuple_(*[sa.literal(v) for v in last])
+            page = page.where(self.pk_expr > bound)
+        for attempt in range(4):
+            try:
+                with self.engine.begin() as conn:
+                    rows = conn.execute(page).all()
+                    if not rows:
+                        return last, 0
+                    params, skipped = self._compute(rows)
+                    written = self._write(conn, params) if params else 0
+                    new_last = tuple(rows[-1][: len(self.pk)])
+                    conn.execute(
+                        self.checkpoint,
+                        {
+                            "last_key": _dump_key(new_last),
+                            "n": len(params),
+                            "s": skipped,
+                            "now": _now(),
+                        },
+                    )
+                break
+            except sa.exc.OperationalError as exc:  # deadlock, serialization failure, lost link
+                if attempt == 3:
+                    raise ReencryptionError(
+                        f"{self.operation} of {self.ref} failed after retries: the database "
+                        f"said {type(exc.orig).__name__}; every row is intact, rerun to resume",
+                        table=self.ref.table,
+                        column=self.ref.column,
+                    ) from exc
+                time.sleep(0.1 * 2**attempt)
+        if written >= 0 and len(params) >= written:
+            # Drivers report the rows matched by the executemany; misses are conflicts.
+            self.result.rows_conflicted += len(params) - written
+            self.result.rows_written += written
+        else:
+            self.result.rows_written += len(params)
+        if self.progress:
+            self.progress(self.result.rows_written + self.result.rows_conflicted, self.todo)
+        return new_last, len(rows)
+
+    def _write(self, conn: Connection, params: list[dict[str, Any]]) -> int:
+        if self.pg_update is None:
+            return int(conn.execute(self.update, params).rowcount)
+        # PostgreSQL: one statement per batch over arrays (unnest) instead of one per row.
+        arrays = {name: [p[name] for p in params] for name in params[0]}
+        return int(conn.execute(self.pg_update, arrays).rowcount)
+
+    def _compute(self, rows: Sequence[Any]) -> tuple[list[dict[str, Any]], int]:
+        n = len(self.pk)
+        params = []
+        skipped = 0
+        for row in rows:
+            key = tuple(row[:n])
+            old = row[n]
+            try:
+                new = self.transform(old)
+            except KmsFieldError as exc:
+                if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
+                    raise ReencryptionError(
+                        f"{self.operation} of {self.ref} stopped at the row with primary key "
+                        f"{_show_key(key)}: {exc}. Nothing of this batch was written; every "
+                        "row is readable; rerun to resume (or pass skip_undecryptable)",
+                        table=self.ref.table,
+                        column=self.ref.column,
+                        primary_key=key,
+                    ) from exc
+                if key not in self.skipped_set:
+                    self.skipped_set.add(key)
+                    self.result.skipped.append(key if n > 1 else key[0])
+                    skipped += 1
+                    log.warning(
+                        "%s of %s: skipped row %s: %s",
+                        self.operation,
+                        self.ref,
+                        _show_key(key),
+                        exc,
+                    )
+                continue
+            p = {f"pk_{i}": v for i, v in enumerate(key)}
+            p["old_value"] = old
+            p["new_value"] = new
+            params.append(p)
+        return params, skipped
+
+
+def _pg_update(
+    engine: Engine, t: sa.Table, pk: Sequence[sa.Column[Any]], col: sa.Column[Any]
+) -> sa.TextClause:
+    """``UPDATE ... FROM unnest(arrays)`` with the compare-and-swap condition on every row."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    dialect = engine.dialect
+    q = dialect.identifier_preparer.quote
+    names = [f"pk_{i}" for i in range(len(pk))] + ["old_value", "new_value"]
+    types = [c.type for c in pk] + [col.type, col.type]
+    arrays = ", ".join(
+        f"CAST(:{n} AS {typ.compile(dialect)}[])" for n, typ in zip(names, types, strict=True)
+    )
+    match = " AND ".join(f"t.{q(c.name)} = v.pk_{i}" for i, c in enumerate(pk))
+    sql = (
+        f"UPDATE {dialect.identifier_preparer.format_table(t)} AS t "
+        f"SET {q(col.name)} = v.new_value "
+        f"FROM unnest({arrays}) AS v({', '.join(names)}) "
+        f"WHERE {match} AND t.{q(col.name)} = v.old_value"
+    )
+    return sa.text(sql).bindparams(
+        *[sa.bindparam(n, type_=ARRAY(typ)) for n, typ in zip(names, types, strict=True)]
+    )
+
+
+def _count(conn: Connection, t: sa.Table, where: sa.ColumnElement[bool]) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(where)).scalar_one())
+
+
+def _job_where(ref: ColumnRef, operation: str) -> list[sa.ColumnElement[bool]]:
+    j = jobs_table.c
+    return [
+        j.table_schema == (ref.schema or ""),
+        j.table_name == ref.table,
+        j.column_name == ref.column,
+        j.operation == operation,
+    ]
+
+
+def _start(
+    engine: Engine, ref: ColumnRef, operation: Operation, target: int | None
+) -> tuple[Any, ...] | None:
+    """Resume the unfinished job with the same target, or start a new one. Returns last key."""
+    with engine.begin() as conn:
+        row = conn.execute(sa.select(jobs_table).where(*_job_where(ref, operation))).one_or_none()
+        now = _now()
+        if (
+            row is not None
+            and row.finished_at is None
+            and row.target_version == target
+            and row.key_name == ref.key
+        ):
+            log.info("resuming %s of %s after %d rows", operation, ref, row.rows_done)
+            return _load_key(row.last_key)
+        fresh = {
+            "key_name": ref.key,
+            "target_version": target,
+            "last_key": None,
+            "rows_done": 0,
+            "rows_skipped": 0,
+            "started_at": now,
+            "updated_at": now,
+            "finished_at": None,
+        }
+        if row is None:
+            conn.execute(
+                sa.insert(jobs_table).values(
+                    table_schema=ref.schema or "",
+                    table_name=ref.table,
+                    column_name=ref.column,
+                    operation=operation,
+                    **fresh,
+                )
+            )
+        else:
+            conn.execute(sa.update(jobs_table).where(*_job_where(ref, operation)).values(fresh))
+        if operation != "decrypt":
+            census.record_column(conn, ref)
+    return None
+
+
+def _finish(engine: Engine, ref: ColumnRef, operation: Operation, *, skipped: int) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            sa.update(jobs_table)
+            .where(*_job_where(ref, operation))
+            .values(finished_at=_now(), updated_at=_now())
+        )
+        if operation == "decrypt" and not skipped:
+            c = census.columns_table.c
+            conn.execute(
+                sa.delete(census.columns_table).where(
+                    c.table_schema == (ref.schema or ""),
+                    c.table_name == ref.table,
+                    c.column_name == ref.column,
+                )
+            )
+
+
+def unfinished_jobs(conn: Connection | Engine, key: str | None = None) -> list[sa.Row[Any]]:
+    """Jobs started and not finished (optionally only those of data key ``key``)."""
+    if not sa.inspect(conn).has_table(jobs_table.name):
+        return []
+    q = sa.select(jobs_table).where(jobs_table.c.finished_at.is_(None))
+    if key is not None:
+        q = q.where(jobs_table.c.key_name == key)
+    if isinstance(conn, Engine):
+        with conn.connect() as c:
+            return list(c.execute(q))
+    return list(conn.execute(q))
+
+
+# Primary keys in the checkpoint ------------------------------------------------------------
+
+
+def _dump_key(key: tuple[Any, ...]) -> str:
+    return json.dumps([_dump_value(v) for v in key])
+
+
+def _dump_value(v: Any) -> Any:
+    if isinstance(v, uuid.UUID):
+        return {"uuid": str(v)}
+    if isinstance(v, bytes):
+        return {"hex": v.hex()}
+    if isinstance(v, (int, str)) or v is None:
+        return v
+    return {"str": str(v)}
+
+
+def _load_key(text: str | None) -> tuple[Any, ...] | None:
+    if text is None:
+        return None
+    out = []
+    for v in json.loads(text):
+        if isinstance(v, dict):
+            if "uuid" in v:
+                v = uuid.UUID(v["uuid"])
+            elif "hex" in v:
+                v = bytes.fromhex(v["hex"])
+            else:
+                v = v["str"]
+        out.append(v)
+    return tuple(out)
+
+
+def _show_key(key: tuple[Any, ...]) -> str:
+    return repr(key[0]) if len(key) == 1 else repr(key)
+
+
+def reencrypt_column(
+    engine: Engine, table: str, column: str, *, key: str, **kwargs: Any
+) -> JobResult:
+    """Move every row of ``table.column`` to the active version of data key ``key``."""
+    return run_job(engine, table, column, key=key, operation="reencrypt", **kwargs)
+
+
+def encrypt_column(
+    engine: Engine, table: str, column: str, *, key: str, **kwargs: Any
+) -> JobResult:
+    """Encrypt a plaintext text or binary column in place under data key ``key``.
+
+    Widen the column first (``EncryptedString(n)`` needs more room than ``String(n)``), and
+    let the application read with ``accept_plaintext=True`` until the job has finished.
+    """
+    return run_job(engine, table, column, key=key, operation="encrypt", **kwargs)
+
+
+def decrypt_column(
+    engine: Engine, table: str, column: str, *, key: str, **kwargs: Any
+) -> JobResult:
+    """Decrypt ``table.column`` back to plaintext in place (the way back out)."""
+    return run_job(engine, table, column, key=key, operation="decrypt", **kwargs)

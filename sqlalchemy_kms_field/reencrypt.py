@@ -336,7 +336,12 @@ class _Job:
                         },
                     )
                 break
-            except sa.exc.OperationalError as exc:  # deadlock, serialization failure, lost link
+            except sa.exc.StatementError as exc:
+                # The parameters hold old and new values (plaintext, for decrypt): never show them.
+                exc.hide_parameters = True
+                if not isinstance(exc, sa.exc.OperationalError):
+                    raise
+                # Deadlock, serialization failure or lost connection: the batch rolled back.
                 if attempt == 3:
                     raise ReencryptionError(
                         f"{self.operation} of {self.ref} failed after retries: the database "

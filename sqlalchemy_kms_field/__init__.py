@@ -2,7 +2,8 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .envelope import DataKey
+from .blind_index import BlindIndex, find
+from .envelope import DataKey, IndexKey
 from .exc import (
     ConfigurationError,
     DecryptionError,
@@ -19,9 +20,11 @@ from .registry import (
     KeyRegistry,
     configure,
     create_data_key,
+    create_index_key,
     get_registry,
     preload,
     rotate_data_key,
+    rotate_index_key,
 )
 from .types import Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText
 
@@ -31,12 +34,13 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 # Alembic renders user types as "<module>.<repr>": make that the public, stable path.
-for _cls in (Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText):
+for _cls in (BlindIndex, Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText):
     _cls.__module__ = __name__
 del _cls
 
 __all__ = [
     "AwsKmsMasterKey",
+    "BlindIndex",
     "ConfigurationError",
     "DataKey",
     "DecryptionError",
@@ -46,6 +50,7 @@ __all__ = [
     "EncryptedString",
     "EncryptedText",
     "EncryptionError",
+    "IndexKey",
     "KeyNotFoundError",
     "KeyRegistry",
     "KeyState",
@@ -60,7 +65,10 @@ __all__ = [
     "__version__",
     "configure",
     "create_data_key",
+    "create_index_key",
+    "find",
     "get_registry",
     "preload",
     "rotate_data_key",
+    "rotate_index_key",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -125,7 +125,7 @@ def record_column(conn: Connection, ref: ColumnRef) -> None:
         & (t.c.table_name == ref.table)
         & (t.c.column_name == ref.column)
     )
-    now = datetime.now(timezone.utc).replace(tzinfo=None)
+    now = datetime.now(UTC).replace(tzinfo=None)
     if conn.execute(sa.update(t).where(where).values(key_name=ref.key, recorded_at=now)).rowcount:
         return
     conn.execute(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import os
 import re
 from typing import Final
@@ -190,3 +191,30 @@ def refuse_ciphertext(value: str | bytes) -> None:
             f"refusing to encrypt a value that is already ciphertext (data key {found[0]!r} "
             f"version {found[1]}); copy the stored value as it is, or decrypt it first"
         )
+
+
+class IndexKey:
+    """One version of a blind-index key: HMAC-SHA256 over normalized plaintext.
+
+    An index value carries the same kind of header as a stored value
+    (``kf1:<index key name>:<version>:`` + base64url of the first ``nbytes`` of the MAC), so
+    SQL can count index values per index-key version exactly like ciphertexts.
+    """
+
+    __slots__ = ("_key", "header", "name", "version")
+
+    def __init__(self, name: str, version: int, key: bytes) -> None:
+        if len(key) != KEY_SIZE:
+            raise ConfigurationError(
+                f"index key {name!r} version {version} is {len(key)} bytes, expected {KEY_SIZE}"
+            )
+        self.name = name
+        self.version = version
+        self.header = header(name, version)
+        self._key = key
+
+    def __repr__(self) -> str:
+        return f"IndexKey(name={self.name!r}, version={self.version})"
+
+    def compute(self, data: bytes, nbytes: int = 32) -> str:
+        return self.header + b64encode(hmac.digest(self._key, data, "sha256")[:nbytes])

@@ -10,7 +10,7 @@ import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 from .exc import ConfigurationError, KeyNotFoundError
 
 
-class KeyState(str, enum.Enum):
+class KeyState(enum.StrEnum):
     """Life cycle of a data key version."""
 
     PENDING = "pending"  # number reserved; not yet wrapped and verified, never used to write
@@ -36,10 +36,11 @@ class StoredKey:
     master_key_id: str
     state: KeyState
     created_at: datetime
+    kind: str = "data"  # "data" (encrypts values) or "index" (HMAC key of blind indexes)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
+    return datetime.now(UTC).replace(tzinfo=None)
 
 
 class SqlKeyStore:
@@ -104,7 +105,7 @@ class SqlKeyStore:
 
     # Writes ----------------------------------------------------------------------------------
 
-    def reserve_version(self, name: str, *, only_first: bool = False) -> int:
+    def reserve_version(self, name: str, *, only_first: bool = False, kind: str = "data") -> int:
         """Insert a PENDING row with the next version number and return that number.
 
         Concurrent callers each get a distinct number: the primary key rejects a duplicate
@@ -114,9 +115,16 @@ class SqlKeyStore:
         for _ in range(20):
             try:
                 with self.engine.begin() as conn:
-                    current = conn.execute(
-                        sa.select(sa.func.max(t.c.version)).where(t.c.name == name)
-                    ).scalar_one()
+                    current, other_kind = conn.execute(
+                        sa.select(sa.func.max(t.c.version), sa.func.max(t.c.kind)).where(
+                            t.c.name == name
+                        )
+                    ).one()
+                    if other_kind is not None and other_kind != kind:
+                        raise ConfigurationError(
+                            f"{name!r} is the name of an existing {other_kind} key, not of "
+                            f"a {kind} key; choose another name"
+                        )
                     if only_first and current is not None:
                         return 0
                     version = (current or 0) + 1
@@ -128,6 +136,7 @@ class SqlKeyStore:
                             master_key_id="",
                             state=KeyState.PENDING.value,
                             created_at=_now(),
+                            kind=kind,
                         )
                     )
                 return int(version)
@@ -232,6 +241,7 @@ def key_table(metadata: sa.MetaData, table_name: str = "kms_field_keys") -> sa.T
         sa.Column("master_key_id", sa.String(2048), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("created_at", sa.DateTime, nullable=False),
+        sa.Column("kind", sa.String(8), nullable=False, server_default="data"),
     )
 
 
@@ -244,4 +254,5 @@ def _stored(row: sa.Row[tuple[object, ...]]) -> StoredKey:
         master_key_id=str(m["master_key_id"]),
         state=KeyState(m["state"]),
         created_at=m["created_at"],
+        kind=str(m["kind"]),
     )

@@ -17,7 +17,7 @@ from . import census
 from .census import Census, ColumnRef
 from .exc import ConfigurationError, KeyStateError, MasterKeyError
 from .key_store import KeyState
-from .registry import KeyRegistry, data_key_context, get_registry
+from .registry import KeyRegistry, get_registry, key_context
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def rewrap_data_keys(
             continue
         if stored.state not in (KeyState.ACTIVE, KeyState.READABLE, KeyState.RETIRED):
             continue
-        context = data_key_context(stored.name, stored.version)
+        context = key_context(stored.name, stored.version, stored.kind)
         old_master = registry._master_for(stored)
         plaintext = old_master.unwrap(stored.wrapped_key, context, stored.master_key_id)
         moved = master.rewrap(stored.wrapped_key, context, stored.master_key_id)

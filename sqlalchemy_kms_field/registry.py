@@ -15,19 +15,25 @@ import time
 from collections.abc import Iterable, Sequence
 
 from . import envelope
-from .envelope import DataKey
+from .envelope import DataKey, IndexKey
 from .exc import ConfigurationError, KeyNotFoundError, KeyStateError, MasterKeyError
 from .key_store import KeyState, SqlKeyStore, StoredKey
 from .master_keys import Context, MasterKey
 
 log = logging.getLogger(__name__)
 
-PURPOSE = "sqlalchemy-kms-field data key"
+PURPOSES = {"data": "sqlalchemy-kms-field data key", "index": "sqlalchemy-kms-field index key"}
+PURPOSE = PURPOSES["data"]
+
+
+def key_context(name: str, version: int, kind: str = "data") -> Context:
+    """The KMS encryption context that binds a wrapped key to its purpose, name and version."""
+    return {"purpose": PURPOSES[kind], "key_name": name, "key_version": str(version)}
 
 
 def data_key_context(name: str, version: int) -> Context:
-    """The KMS encryption context that binds a wrapped data key to its name and version."""
-    return {"purpose": PURPOSE, "key_name": name, "key_version": str(version)}
+    """The KMS encryption context of a data key."""
+    return key_context(name, version, "data")
 
 
 class KeyRegistry:
@@ -49,6 +55,8 @@ class KeyRegistry:
         self.active_ttl = active_ttl
         self._keys: dict[str, DataKey] = {}  # by header without its final ':'
         self._active: dict[str, tuple[DataKey, float]] = {}
+        self._index_keys: dict[tuple[str, int], IndexKey] = {}
+        self._live_index: dict[str, tuple[list[IndexKey], float]] = {}
         self._locks: dict[object, threading.Lock] = {}
         self._locks_lock = threading.Lock()
 
@@ -70,7 +78,9 @@ class KeyRegistry:
         with self._lock_for(head):
             key = self._keys.get(head)
             if key is None:
-                key = self._unwrap(self.key_store.get(name, version))
+                stored = self.key_store.get(name, version)
+                _check_kind(stored, "data")
+                key = DataKey(name, version, self._unwrap(stored))
                 self._keys[head] = key
         return key
 
@@ -111,6 +121,8 @@ class KeyRegistry:
         """Drop every unwrapped key from memory (the next use unwraps again)."""
         self._keys.clear()
         self._active.clear()
+        self._index_keys.clear()
+        self._live_index.clear()
 
     # Creating and rotating -------------------------------------------------------------------
 
@@ -136,8 +148,17 @@ class KeyRegistry:
             )
         return self._finish_new_version(name, self.key_store.reserve_version(name))
 
-    def _finish_new_version(self, name: str, version: int) -> DataKey:
-        context = data_key_context(name, version)
+    def _finish_new_version(self, name: str, version: int, kind: str = "data") -> DataKey:
+        plaintext = self._new_version(name, version, kind)
+        key = DataKey(name, version, plaintext)
+        self._keys[key.header[:-1]] = key
+        self.key_store.activate(name, version)
+        self._active.pop(name, None)
+        log.info("data key %r version %d stored, verified and activated", name, version)
+        return key
+
+    def _new_version(self, name: str, version: int, kind: str) -> bytes:
+        context = key_context(name, version, kind)
         plaintext, wrapped, master_key_id = self.master_key.generate_data_key(context)
         self.key_store.store_wrapped(name, version, wrapped, master_key_id)
         # Invariant 3: read back what was stored and unwrap it again before anything is
@@ -146,30 +167,95 @@ class KeyRegistry:
         again = self._master_for(stored).unwrap(stored.wrapped_key, context, stored.master_key_id)
         if not hmac.compare_digest(again, plaintext):
             raise MasterKeyError(
-                f"data key {name!r} version {version} did not verify: the stored wrapped key "
+                f"{kind} key {name!r} version {version} did not verify: the stored wrapped key "
                 "does not unwrap to the generated key; it was not activated",
                 code="VerificationFailed",
             )
-        key = DataKey(name, version, plaintext)
-        self._keys[key.header[:-1]] = key
+        return plaintext
+
+    # Blind-index keys --------------------------------------------------------------------
+
+    def create_index_key(self, name: str, *, exist_ok: bool = False) -> IndexKey:
+        """Create version 1 of blind-index key ``name`` (separate from every data key)."""
+        envelope.check_key_name(name)
+        version = self.key_store.reserve_version(name, only_first=True, kind="index")
+        if version == 0:
+            if exist_ok:
+                return self.index_keys(name)[0]
+            raise ConfigurationError(
+                f"index key {name!r} already exists; use "
+                f"rotate_index_key({name!r}) for a new version"
+            )
+        return self._finish_index_version(name, version)
+
+    def rotate_index_key(self, name: str) -> IndexKey:
+        """Add version N+1 of an index key; lookups match every live version until reindexed."""
+        envelope.check_key_name(name)
+        if not self.key_store.versions(name):
+            raise KeyNotFoundError(
+                f"no index key named {name!r} in the key store; "
+                f"create it with create_index_key({name!r})"
+            )
+        return self._finish_index_version(name, self.key_store.reserve_version(name, kind="index"))
+
+    def _finish_index_version(self, name: str, version: int) -> IndexKey:
+        key = IndexKey(name, version, self._new_version(name, version, "index"))
+        self._index_keys[(name, version)] = key
         self.key_store.activate(name, version)
-        self._active.pop(name, None)
-        log.info("data key %r version %d stored, verified and activated", name, version)
+        self._live_index.pop(name, None)
+        log.info("index key %r version %d stored, verified and activated", name, version)
         return key
+
+    def index_key(self, name: str, version: int) -> IndexKey:
+        key = self._index_keys.get((name, version))
+        if key is not None:
+            return key
+        with self._lock_for(("index", name, version)):
+            key = self._index_keys.get((name, version))
+            if key is None:
+                stored = self.key_store.get(name, version)
+                _check_kind(stored, "index")
+                key = IndexKey(name, version, self._unwrap(stored))
+                self._index_keys[(name, version)] = key
+        return key
+
+    def index_keys(self, name: str) -> list[IndexKey]:
+        """Live versions of index key ``name``, the active one first (re-read every active_ttl)."""
+        entry = self._live_index.get(name)
+        if entry is not None and time.monotonic() < entry[1]:
+            return entry[0]
+        with self._lock_for(("live-index", name)):
+            entry = self._live_index.get(name)
+            if entry is not None and time.monotonic() < entry[1]:
+                return entry[0]
+            stored = self.key_store.versions(name)
+            if not stored:
+                raise KeyNotFoundError(
+                    f"no index key named {name!r} in the key store; "
+                    f"create it with create_index_key({name!r})"
+                )
+            _check_kind(stored[0], "index")
+            active = self.key_store.active_version(name)
+            live = sorted(
+                (s.version for s in stored if s.state in (KeyState.ACTIVE, KeyState.READABLE)),
+                key=lambda v: (v != active, -v),
+            )
+            if active is None or not live:
+                raise KeyNotFoundError(f"index key {name!r} has no active version")
+            keys = [self.index_key(name, v) for v in live]
+            self._live_index[name] = (keys, time.monotonic() + self.active_ttl)
+            return keys
 
     # Internals -------------------------------------------------------------------------------
 
-    def _unwrap(self, stored: StoredKey) -> DataKey:
+    def _unwrap(self, stored: StoredKey) -> bytes:
         if stored.state is not KeyState.ACTIVE and stored.state is not KeyState.READABLE:
             raise KeyStateError(
-                f"data key {stored.name!r} version {stored.version} is {stored.state.value} "
-                "and cannot be used"
+                f"{stored.kind} key {stored.name!r} version {stored.version} is "
+                f"{stored.state.value} and cannot be used"
             )
-        context = data_key_context(stored.name, stored.version)
-        plaintext = self._master_for(stored).unwrap(
-            stored.wrapped_key, context, stored.master_key_id
-        )
-        return DataKey(stored.name, stored.version, plaintext)
+        context = key_context(stored.name, stored.version, stored.kind)
+        return self._master_for(stored).unwrap(stored.wrapped_key, context, stored.master_key_id)
 
     def _master_for(self, stored: StoredKey) -> MasterKey:
         for master in (self.master_key, *self.previous_master_keys):
@@ -210,6 +296,14 @@ def configure(
     return _registry
 
 
+def _check_kind(stored: StoredKey, kind: str) -> None:
+    if stored.kind != kind:
+        raise KeyStateError(
+            f"{stored.name!r} is {'an' if stored.kind == 'index' else 'a'} {stored.kind} key; "
+            f"it cannot be used as {'an' if kind == 'index' else 'a'} {kind} key"
+        )
+
+
 def get_registry() -> KeyRegistry:
     registry = _registry
     if registry is None:
@@ -228,6 +322,16 @@ def create_data_key(name: str, *, exist_ok: bool = False) -> DataKey:
 def rotate_data_key(name: str) -> DataKey:
     """Add and activate version N+1 of data key ``name``."""
     return get_registry().rotate_data_key(name)
+
+
+def create_index_key(name: str, *, exist_ok: bool = False) -> IndexKey:
+    """Create version 1 of blind-index key ``name`` in the configured registry."""
+    return get_registry().create_index_key(name, exist_ok=exist_ok)
+
+
+def rotate_index_key(name: str) -> IndexKey:
+    """Add and activate version N+1 of blind-index key ``name``."""
+    return get_registry().rotate_index_key(name)
 
 
 def preload(names: Iterable[str] | None = None) -> list[DataKey]:

@@ -22,6 +22,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from . import envelope
+from .blind_index import rewrite_comparison
 from .envelope import DataKey
 from .exc import (
     DecryptionError,
@@ -43,21 +44,30 @@ _NULLABLE_EQ = {operators.eq, operators.ne}
 
 class _Comparator(TypeDecorator.Comparator[Any]):
     def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
-        self._check(op, other)
+        rewritten = self._check(op, other)
+        if rewritten is not None:
+            return rewritten
         return super().operate(op, *other, **kwargs)
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
-        self._check(op, (other,))
+        rewritten = self._check(op, (other,))
+        if rewritten is not None:
+            return rewritten
         return super().reverse_operate(op, other, **kwargs)
 
-    def _check(self, op: Any, other: tuple[Any, ...]) -> None:
+    def _check(self, op: Any, other: tuple[Any, ...]) -> Any:
+        """None if the operation is fine as it is, a rewritten expression, or an error."""
         if op in _NULL_OPS or (op in _NULLABLE_EQ and len(other) == 1 and other[0] is None):
-            return
+            return None
+        rewritten = rewrite_comparison(self.expr, op, other)  # through a blind index, if any
+        if rewritten is not None:
+            return rewritten
         name = getattr(op, "__name__", str(op)).rstrip("_")
         raise UnsupportedOperationError(
             f"cannot apply {name!r} to encrypted column {_describe(self.expr)}: values are "
             "encrypted with random nonces, so SQL comparisons, LIKE and ordering on them mean "
-            "nothing; filter on another column, or compare after loading (IS NULL works)"
+            "nothing; declare a BlindIndex column for equality lookups, or filter on another "
+            "column (IS NULL works)"
         )
 
 

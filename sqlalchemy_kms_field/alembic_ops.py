@@ -26,6 +26,7 @@ from typing import Any
 from alembic.operations import MigrateOperation, Operations
 
 from . import census
+from .blind_index import BlindIndex
 from .exc import ConfigurationError
 from .lifecycle import rewrap_data_keys
 from .reencrypt import Operation, run_job, unfinished_jobs
@@ -100,18 +101,25 @@ def _rotate_data_key(operations: Operations, operation: RotateDataKeyOp) -> None
     _online(operations, "rotate_data_key")
     registry = get_registry()
     with operations.get_context().autocommit_block():
-        active = registry.key_store.active_version(operation.name)
-        engine = operations.get_bind().engine
-        pending = [
-            job
-            for job in unfinished_jobs(engine, operation.name)
-            if job.operation == "reencrypt" and job.target_version == active
-        ]
-        if pending:
-            log.info("data key %r: re-encryption to version %s unfinished; resuming it rather "
-                     "than rotating again", operation.name, active)  # fmt: skip
+        if _resuming(operations, operation.name, "reencrypt"):
             return
         registry.rotate_data_key(operation.name)
+
+
+def _resuming(operations: Operations, name: str, job: str) -> bool:
+    """True if a ``job`` to the active version of key ``name`` is unfinished (a rerun)."""
+    active = get_registry().key_store.active_version(name)
+    engine = operations.get_bind().engine
+    for row in unfinished_jobs(engine, name):
+        if row.operation == job and row.target_version == active:
+            log.info(
+                "key %r: %s to version %s unfinished; resuming it rather than rotating again",
+                name,
+                job,
+                active,
+            )
+            return True
+    return False
 
 
 class _ColumnJobOp(MigrateOperation):
@@ -205,6 +213,72 @@ class DecryptColumnOp(_ColumnJobOp):
 
 for _op in (ReencryptColumnOp, EncryptColumnOp, DecryptColumnOp):
     Operations.implementation_for(_op)(_run_column_job)
+
+
+@Operations.register_operation("reindex_column")
+class ReindexColumnOp(_ColumnJobOp):
+    """Recompute a blind-index column under the active version of its index key."""
+
+    operation: Operation = "reindex"
+
+    @classmethod
+    def reindex_column(
+        cls,
+        operations: Operations,
+        table_name: str,
+        column_name: str,
+        *,
+        index: BlindIndex,
+        schema: str | None = None,
+        batch_size: int = 2000,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs.update(schema=schema, batch_size=batch_size, index=index)
+        return operations.invoke(cls(table_name, column_name, index.key, kwargs))
+
+
+Operations.implementation_for(ReindexColumnOp)(_run_column_job)
+
+
+@Operations.register_operation("create_index_key")
+class CreateIndexKeyOp(MigrateOperation):
+    """Create version 1 of a blind-index key (nothing happens if it already exists)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def create_index_key(cls, operations: Operations, name: str) -> Any:
+        return operations.invoke(cls(name))
+
+
+@Operations.implementation_for(CreateIndexKeyOp)
+def _create_index_key(operations: Operations, operation: CreateIndexKeyOp) -> None:
+    _online(operations, "create_index_key")
+    with operations.get_context().autocommit_block():
+        get_registry().create_index_key(operation.name, exist_ok=True)
+
+
+@Operations.register_operation("rotate_index_key")
+class RotateIndexKeyOp(MigrateOperation):
+    """A new index-key version, unless a reindex to the active one is unfinished."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def rotate_index_key(cls, operations: Operations, name: str) -> Any:
+        return operations.invoke(cls(name))
+
+
+@Operations.implementation_for(RotateIndexKeyOp)
+def _rotate_index_key(operations: Operations, operation: RotateIndexKeyOp) -> None:
+    _online(operations, "rotate_index_key")
+    registry = get_registry()
+    with operations.get_context().autocommit_block():
+        if _resuming(operations, operation.name, "reindex"):
+            return
+        registry.rotate_index_key(operation.name)
 
 
 @Operations.register_operation("rewrap_data_keys")

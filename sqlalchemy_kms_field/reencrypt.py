@@ -33,14 +33,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import census, envelope
+from .blind_index import BlindIndex
 from .census import ColumnRef
-from .envelope import DataKey
+from .envelope import DataKey, IndexKey
 from .exc import ConfigurationError, KmsFieldError, ReencryptionError
 from .registry import KeyRegistry, get_registry
 
 log = logging.getLogger(__name__)
 
-Operation = Literal["reencrypt", "encrypt", "decrypt"]
+Operation = Literal["reencrypt", "encrypt", "decrypt", "reindex"]
 ProgressCallback = Callable[[int, int], None]  # (rows done in this run, rows to do at start)
 
 jobs_table = sa.Table(
@@ -142,6 +143,50 @@ class _Transform:
         return key.encrypt_binary(data) if self.binary else key.encrypt_text(data)
 
 
+class _WithIndex:
+    """Encrypt a plaintext value and compute its blind-index value in the same pass."""
+
+    def __init__(self, inner: _Transform, index: BlindIndex, target: IndexKey) -> None:
+        self.inner = inner
+        self.index = index
+        self.target = target
+
+    def pending(self, col: sa.Column[Any]) -> sa.ColumnElement[bool]:
+        return self.inner.pending(col)
+
+    def __call__(self, value: Any) -> tuple[Any, str]:
+        new = self.inner(value)
+        plain = bytes(value) if self.inner.binary else value
+        return new, self.target.compute(self.index._data(plain), self.index._nbytes)
+
+
+class _Reindex:
+    """Recompute a blind-index value from its encrypted source under the active index key."""
+
+    def __init__(self, index: BlindIndex, target: IndexKey, registry: KeyRegistry) -> None:
+        self.index = index
+        self.target = target
+        self.registry = registry
+
+    def pending(self, col: sa.Column[Any], source: sa.Column[Any]) -> sa.ColumnElement[bool]:
+        return sa.and_(
+            source.is_not(None),
+            sa.or_(col.is_(None), sa.not_(census.starts_with(col, self.target.header))),
+        )
+
+    def __call__(self, old: Any, source_value: Any) -> str:
+        binary = not isinstance(source_value, str)
+        if binary:
+            source_value = bytes(source_value)
+        found = envelope.parse_header(source_value)
+        if found is None:
+            raise KmsFieldError("the source value is not ciphertext (no 'kf1:' header)")
+        key = self.registry.data_key(*found)
+        plaintext = key.decrypt_binary(source_value) if binary else key.decrypt_text(source_value)
+        value: Any = plaintext if binary else plaintext.decode("utf-8")
+        return self.target.compute(self.index._data(value), self.index._nbytes)
+
+
 def run_job(
     engine: Engine,
     table: str,
@@ -157,8 +202,16 @@ def run_job(
     settle_timeout: float | None = None,
     progress: ProgressCallback | None = None,
     registry: KeyRegistry | None = None,
+    index: BlindIndex | None = None,
+    index_column: str | None = None,
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
+
+    ``operation="reindex"`` recomputes the blind-index column ``column`` (declared as
+    ``index``, a BlindIndex) from its encrypted source under the active version of index key
+    ``key``; the compare-and-swap then also requires the source to be unchanged.
+    ``operation="encrypt"`` with ``index`` and ``index_column`` fills that blind-index column
+    in the same UPDATE as the ciphertext.
 
     ``settle_timeout`` bounds how long the job keeps sweeping rows that other processes are
     still writing under an older version (default: twice the registry's ``active_ttl`` plus
@@ -173,7 +226,13 @@ def run_job(
         )
     registry = registry or get_registry()
     envelope.check_key_name(key)
-    target = None if operation == "decrypt" else registry.active_key(key)
+    if operation == "reindex":
+        if index is None or index.key != key:
+            raise ConfigurationError("reindex needs index=BlindIndex(...) with the same key")
+        target_index = registry.index_keys(key)[0]
+        target: DataKey | None = None
+    else:
+        target = None if operation == "decrypt" else registry.active_key(key)
     if settle_timeout is None:
         settle_timeout = 2 * registry.active_ttl + 30
 
@@ -188,16 +247,40 @@ def run_job(
         raise ConfigurationError(
             f"table {t.fullname!r} has no primary key; re-encryption pages and writes by it"
         )
-    transform = _Transform(operation, key, target, registry, census.is_binary(col))
-    result = JobResult(ref, operation, target.version if target else None, dry_run=dry_run)
+    source = None
+    transform: Any
+    if operation == "reindex":
+        assert index is not None
+        if index.source not in t.c:
+            raise ConfigurationError(f"table {t.fullname!r} has no column {index.source!r}")
+        source = t.c[index.source]
+        transform = _Reindex(index, target_index, registry)
+        pending = transform.pending(col, source)
+        version: int | None = target_index.version
+    else:
+        transform = _Transform(operation, key, target, registry, census.is_binary(col))
+        pending = transform.pending(col)
+        version = target.version if target else None
+    companion = None
+    if operation == "encrypt" and index is not None:
+        if index_column is None or index_column not in t.c:
+            raise ConfigurationError(
+                f"encrypt with a blind index needs index_column= naming a column of {t.fullname!r}"
+            )
+        companion = t.c[index_column]
+        transform = _WithIndex(transform, index, registry.index_keys(index.key)[0])
+    result = JobResult(ref, operation, version, dry_run=dry_run)
 
     with engine.connect() as conn:
-        todo = _count(conn, t, transform.pending(col))
+        todo = _count(conn, t, pending)
     if dry_run:
         result.remaining = todo
         return result
 
     last = _start(engine, ref, operation, result.target_version)
+    if companion is not None and index is not None:
+        with engine.begin() as conn:
+            census.record_column(conn, ColumnRef(table, companion.name, index.key, schema))
     job = _Job(
         engine,
         t,
@@ -212,12 +295,15 @@ def run_job(
         progress,
         todo,
         result,
+        source=source,
+        pending=pending,
+        companion=companion,
     )
     deadline = None
     while True:
         job.sweep(last)
         with engine.connect() as conn:
-            left = _count(conn, t, transform.pending(col)) - len(result.skipped)
+            left = _count(conn, t, pending) - len(result.skipped)
         result.remaining = max(left, 0)
         if left <= 0:
             break
@@ -262,7 +348,7 @@ class _Job:
         t: sa.Table,
         ref: ColumnRef,
         operation: Operation,
-        transform: _Transform,
+        transform: Any,
         pk: Sequence[sa.Column[Any]],
         col: sa.Column[Any],
         batch_size: int,
@@ -271,7 +357,16 @@ class _Job:
         progress: ProgressCallback | None,
         todo: int,
         result: JobResult,
+        source: sa.Column[Any] | None = None,
+        pending: sa.ColumnElement[bool] | None = None,
+        companion: sa.Column[Any] | None = None,
     ) -> None:
+        # ``companion``: a blind-index column written in the same UPDATE (encrypt with index);
+        # the transform then returns (new value, index value).
+        self.companion = companion
+        # ``source``: for reindex, the encrypted column the index column ``col`` is computed
+        # from; it is read with each row and must be unchanged when the row is written.
+        self.source = source
         self.engine, self.t, self.ref, self.operation = engine, t, ref, operation
         self.transform, self.pk, self.col = transform, pk, col
         self.batch_size, self.rate = batch_size, rows_per_second
@@ -280,16 +375,23 @@ class _Job:
         self.skipped_set: set[tuple[Any, ...]] = set()
         pk_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
         self.pk_expr = pk_expr
-        self.page = (
-            sa.select(*pk, col).where(transform.pending(col)).order_by(*pk).limit(batch_size)
-        )
+        reads = [col] if source is None else [col, source]
+        if pending is None:
+            pending = transform.pending(col)
+        self.page = sa.select(*pk, *reads).where(pending).order_by(*pk).limit(batch_size)
         where = [c == sa.bindparam(f"pk_{i}", type_=c.type) for i, c in enumerate(pk)]
-        where.append(col == sa.bindparam("old_value", type_=col.type))
-        self.update = (
-            sa.update(t).where(*where).values({col.name: sa.bindparam("new_value", type_=col.type)})
-        )
+        old = sa.bindparam("old_value", type_=col.type)
+        where.append(col == old if source is None else col.is_not_distinct_from(old))
+        if source is not None:
+            where.append(source == sa.bindparam("old_source", type_=source.type))
+        values = {col.name: sa.bindparam("new_value", type_=col.type)}
+        if companion is not None:
+            values[companion.name] = sa.bindparam("companion_value", type_=companion.type)
+        self.update = sa.update(t).where(*where).values(values)
         self.pg_update = (
-            _pg_update(engine, t, pk, col) if engine.dialect.name == "postgresql" else None
+            _pg_update(engine, t, pk, col, source, companion)
+            if engine.dialect.name == "postgresql"
+            else None
         )
         self.checkpoint = (
             sa.update(jobs_table)
@@ -375,7 +477,9 @@ class _Job:
             key = tuple(row[:n])
             old = row[n]
             try:
-                new = self.transform(old)
+                new = (
+                    self.transform(old) if self.source is None else self.transform(old, row[n + 1])
+                )
             except KmsFieldError as exc:
                 if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
                     raise ReencryptionError(
@@ -400,13 +504,22 @@ class _Job:
                 continue
             p = {f"pk_{i}": v for i, v in enumerate(key)}
             p["old_value"] = old
+            if self.companion is not None:
+                new, p["companion_value"] = new
             p["new_value"] = new
+            if self.source is not None:
+                p["old_source"] = row[n + 1]
             params.append(p)
         return params, skipped
 
 
 def _pg_update(
-    engine: Engine, t: sa.Table, pk: Sequence[sa.Column[Any]], col: sa.Column[Any]
+    engine: Engine,
+    t: sa.Table,
+    pk: Sequence[sa.Column[Any]],
+    col: sa.Column[Any],
+    source: sa.Column[Any] | None = None,
+    companion: sa.Column[Any] | None = None,
 ) -> sa.TextClause:
     """``UPDATE ... FROM unnest(arrays)`` with the compare-and-swap condition on every row."""
     from sqlalchemy.dialects.postgresql import ARRAY
@@ -415,15 +528,27 @@ def _pg_update(
     q = dialect.identifier_preparer.quote
     names = [f"pk_{i}" for i in range(len(pk))] + ["old_value", "new_value"]
     types = [c.type for c in pk] + [col.type, col.type]
+    match = [f"t.{q(c.name)} = v.pk_{i}" for i, c in enumerate(pk)]
+    if source is None:
+        match.append(f"t.{q(col.name)} = v.old_value")
+    else:
+        names.append("old_source")
+        types.append(source.type)
+        match.append(f"t.{q(col.name)} IS NOT DISTINCT FROM v.old_value")
+        match.append(f"t.{q(source.name)} = v.old_source")
+    sets = [f"{q(col.name)} = v.new_value"]
+    if companion is not None:
+        names.append("companion_value")
+        types.append(companion.type)
+        sets.append(f"{q(companion.name)} = v.companion_value")
     arrays = ", ".join(
         f"CAST(:{n} AS {typ.compile(dialect)}[])" for n, typ in zip(names, types, strict=True)
     )
-    match = " AND ".join(f"t.{q(c.name)} = v.pk_{i}" for i, c in enumerate(pk))
     sql = (
         f"UPDATE {dialect.identifier_preparer.format_table(t)} AS t "
-        f"SET {q(col.name)} = v.new_value "
+        f"SET {', '.join(sets)} "
         f"FROM unnest({arrays}) AS v({', '.join(names)}) "
-        f"WHERE {match} AND t.{q(col.name)} = v.old_value"
+        f"WHERE {' AND '.join(match)}"
     )
     return sa.text(sql).bindparams(
         *[sa.bindparam(n, type_=ARRAY(typ)) for n, typ in zip(names, types, strict=True)]
@@ -570,6 +695,29 @@ def encrypt_column(
     let the application read with ``accept_plaintext=True`` until the job has finished.
     """
     return run_job(engine, table, column, key=key, operation="encrypt", **kwargs)
+
+
+def reindex_column(
+    engine: Engine, index_column: sa.Column[Any], *, schema: str | None = None, **kwargs: Any
+) -> JobResult:
+    """Recompute a blind-index column (a model's ``BlindIndex`` column) under its active key.
+
+    Run it after ``rotate_index_key``; lookups match every live index-key version meanwhile.
+    """
+    index = index_column.type
+    if not isinstance(index, BlindIndex):
+        raise ConfigurationError(f"{index_column} is not a BlindIndex column")
+    table = index_column.table
+    return run_job(
+        engine,
+        table.name,
+        index_column.name,
+        key=index.key,
+        operation="reindex",
+        index=index,
+        schema=schema if schema is not None else table.schema,
+        **kwargs,
+    )
 
 
 def decrypt_column(

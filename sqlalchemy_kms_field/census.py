@@ -68,7 +68,9 @@ def prefix(key: str, version: int, binary: bool) -> str | bytes:
 def starts_with(column: sa.ColumnElement[Any], value: str | bytes) -> sa.ColumnElement[bool]:
     """``column`` starts with ``value``, exactly (no LIKE wildcards, case-sensitive on MySQL)."""
     typ: sa.types.TypeEngine[Any] = sa.LargeBinary() if isinstance(value, bytes) else sa.String()
-    return sa.func.substr(column, 1, len(value)) == sa.literal(value, typ)
+    empty = sa.literal(value[:0], typ)
+    # coalesce: SQLite's substr() of an empty BLOB is NULL, which would hide the row.
+    return sa.func.coalesce(sa.func.substr(column, 1, len(value)), empty) == sa.literal(value, typ)
 
 
 def is_binary(column: sa.Column[Any]) -> bool:

@@ -35,10 +35,11 @@ def rewrap_data_keys(
 ) -> list[Rewrapped]:
     """Rewrap every stored data key under the registry's current master key.
 
-    Within AWS KMS this is ``ReEncrypt`` (the data key never leaves KMS); between providers
-    (local to AWS, say) the key is unwrapped by the old master key, which must be listed in
-    ``previous_master_keys``, and wrapped by the new one. Each new wrapped key is unwrapped
-    again and compared before it replaces the old one (compare-and-swap). No data row changes.
+    Within AWS KMS the new wrapped key is made by ``ReEncrypt``; between providers (local to
+    AWS, say) the key is unwrapped by the old master key, which must be listed in
+    ``previous_master_keys``, and wrapped by the new one. Either way the old master key must
+    still allow Decrypt during the rewrap: each new wrapped key is unwrapped and compared with
+    the old one before it replaces it (compare-and-swap). No data row changes.
     """
     registry = registry or get_registry()
     master = registry.master_key

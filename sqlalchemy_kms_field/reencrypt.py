@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -442,7 +443,7 @@ class _Job:
                 # The parameters hold old and new values (plaintext, for decrypt): never show them.
                 exc.hide_parameters = True
                 if not isinstance(exc, sa.exc.OperationalError):
-                    raise
+                    raise self._refused(exc) from (None if self.operation == "decrypt" else exc)
                 # Deadlock, serialization failure or lost connection: the batch rolled back.
                 if attempt == 3:
                     raise ReencryptionError(
@@ -461,6 +462,22 @@ class _Job:
         if self.progress:
             self.progress(self.result.rows_written + self.result.rows_conflicted, self.todo)
         return new_last, len(rows)
+
+    def _refused(self, exc: sa.exc.StatementError) -> ReencryptionError:
+        orig = exc.orig
+        code = getattr(orig, "sqlstate", None) or (getattr(orig, "args", None) or [None])[0]
+        # A database's message may quote the value (MariaDB does): for decrypt it would be
+        # plaintext, so only the error class and code are shown then.
+        said = type(orig).__name__ + (f" {code}" if code else "")
+        if self.operation != "decrypt":
+            said += f": {str(orig).strip().splitlines()[0] if str(orig).strip() else ''}"
+        return ReencryptionError(
+            f"{self.operation} of {self.ref}: the database refused a batch ({said}); nothing "
+            "of that batch was written, every row is intact; fix the cause (a column too "
+            "narrow for the new values?) and rerun to resume",
+            table=self.ref.table,
+            column=self.ref.column,
+        )
 
     def _write(self, conn: Connection, params: list[dict[str, Any]]) -> int:
         if self.pg_update is None:
@@ -542,7 +559,8 @@ def _pg_update(
         types.append(companion.type)
         sets.append(f"{q(companion.name)} = v.companion_value")
     arrays = ", ".join(
-        f"CAST(:{n} AS {typ.compile(dialect)}[])" for n, typ in zip(names, types, strict=True)
+        f"CAST(:{n} AS {_unsized(typ.compile(dialect))}[])"
+        for n, typ in zip(names, types, strict=True)
     )
     sql = (
         f"UPDATE {dialect.identifier_preparer.format_table(t)} AS t "
@@ -551,8 +569,23 @@ def _pg_update(
         f"WHERE {' AND '.join(match)}"
     )
     return sa.text(sql).bindparams(
-        *[sa.bindparam(n, type_=ARRAY(typ)) for n, typ in zip(names, types, strict=True)]
+        *[sa.bindparam(n, type_=ARRAY(_unsized_type(t))) for n, t in zip(names, types, strict=True)]
     )
+
+
+def _unsized(sql_type: str) -> str:
+    # PostgreSQL silently truncates an explicit cast to varchar(n): cast to the unsized type
+    # so that a value too long for the column fails the UPDATE instead of losing data.
+    return re.sub(r"\s*\([^)]*\)", "", sql_type)
+
+
+def _unsized_type(typ: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
+    # psycopg binds render as ``%(x)s::VARCHAR(40)[]``: the same silent truncation as above.
+    if isinstance(typ, sa.String):
+        return sa.Text()
+    if isinstance(typ, sa.LargeBinary):
+        return sa.LargeBinary()
+    return typ
 
 
 def _count(conn: Connection, t: sa.Table, where: sa.ColumnElement[bool]) -> int:

@@ -166,13 +166,14 @@ class _EncryptedType(TypeDecorator[T]):
             envelope.refuse_ciphertext(value)
 
     def _mysql_text(self, dialect: Dialect, length: int | None) -> TypeEngine[Any]:
-        # ASCII with a binary collation: ciphertext is ASCII, compare-and-swap and the
-        # header census must be exact (case-sensitive), and it takes a quarter of the space.
+        # A binary collation: compare-and-swap and the header census must be exact
+        # (case-sensitive). utf8mb4, not ascii, so that a plaintext column can be widened to
+        # this type and encrypted in place, and decrypted back, whatever its characters.
         if length is not None and length <= 16000:
             return dialect.type_descriptor(
-                mysql.VARCHAR(length, charset="ascii", collation="ascii_bin")
+                mysql.VARCHAR(length, charset="utf8mb4", collation="utf8mb4_bin")
             )
-        return dialect.type_descriptor(mysql.LONGTEXT(charset="ascii", collation="ascii_bin"))
+        return dialect.type_descriptor(mysql.LONGTEXT(charset="utf8mb4", collation="utf8mb4_bin"))
 
     def _args_repr(self, *positional: str) -> str:
         args = [p for p in positional if p]

@@ -1,0 +1,805 @@
+"""Re-encryption jobs on every database: every kind of primary key, resuming, compare-and-swap,
+plaintext in and out, and the refusals. Rows are counted per key version by SQL on the header."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+
+import sqlalchemy_kms_field as kf
+from sqlalchemy_kms_field import census, envelope, reencrypt
+from sqlalchemy_kms_field.reencrypt import (
+    decrypt_column,
+    encrypt_column,
+    jobs_table,
+    reencrypt_column,
+)
+from tests.helpers import (
+    MASTER_KEY_BYTES,
+    assert_no_secret,
+    configure_local,
+    error_texts,
+    reset_global_registry,
+    unwrapped_key,
+)
+
+EMAILS: list[str | None] = [
+    "alice@example.com",
+    "bob+tag@example.org",
+    None,
+    "carol.o'neil@example.net",
+    "",
+    "dave:colon@example.com",
+    "eve@example.io",
+    "frank_underscore@example.com",
+    "grace%percent@example.com",
+]
+PHOTOS: list[bytes | None] = [
+    bytes(range(256)),
+    b"",
+    b"\x00kf1:pii:1:not a header in the middle",
+    None,
+    b"\xff" * 40,
+    b"photo-5",
+    b"photo-6",
+    None,
+    b"photo-8",
+]
+N = len(EMAILS)
+NON_NULL_EMAILS = sum(e is not None for e in EMAILS)
+NON_NULL_PHOTOS = sum(p is not None for p in PHOTOS)
+SECRET_TEXTS = [e for e in EMAILS if e] + ["photo-5", "photo-6", "photo-8"]
+
+PK_KINDS = ["integer", "uuid", "text", "composite"]
+_INT_KEYS = [10, -3, 7, 42, 0, 5, 100, 8, 1]
+_TEXT_KEYS = ["m", "alpha", "Zed", "row 10", "row 2", "x-1", "émile", "0", "zz"]
+_PAIR_KEYS = [
+    (1, "b"),
+    (1, "a"),
+    (2, "a"),
+    (0, "z"),
+    (2, "c"),
+    (1, "c"),
+    (3, "a"),
+    (2, "b"),
+    (0, "a"),
+]
+
+
+class Crash(Exception):
+    """Raised by a progress callback to simulate a job killed between two batches."""
+
+
+@pytest.fixture
+def registry(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[kf.KeyRegistry]:
+    reset_global_registry(monkeypatch)
+    yield configure_local(engine)
+
+
+# Tables and raw views ---------------------------------------------------------------------------
+
+
+def people_table(
+    metadata: sa.MetaData, pk_kind: str = "integer", schema: str | None = None
+) -> sa.Table:
+    pk: list[sa.Column[Any]]
+    if pk_kind == "integer":
+        pk = [sa.Column("id", sa.Integer, primary_key=True, autoincrement=False)]
+    elif pk_kind == "uuid":
+        pk = [sa.Column("id", sa.Uuid, primary_key=True)]
+    elif pk_kind == "text":
+        pk = [sa.Column("id", sa.String(40), primary_key=True)]
+    else:
+        pk = [
+            sa.Column("tenant", sa.Integer, primary_key=True, autoincrement=False),
+            sa.Column("code", sa.String(20), primary_key=True),
+        ]
+    return sa.Table(
+        "people",
+        metadata,
+        *pk,
+        sa.Column("n", sa.Integer, nullable=False, unique=True),  # the row's index in EMAILS
+        sa.Column("email", kf.EncryptedString(320, key="pii")),
+        sa.Column("photo", kf.EncryptedBytes(key="pii")),
+        schema=schema,
+    )
+
+
+def pk_values(pk_kind: str, i: int) -> dict[str, Any]:
+    if pk_kind == "integer":
+        return {"id": _INT_KEYS[i]}
+    if pk_kind == "uuid":
+        return {"id": uuid.uuid5(uuid.NAMESPACE_URL, f"person/{i}")}
+    if pk_kind == "text":
+        return {"id": _TEXT_KEYS[i]}
+    tenant, code = _PAIR_KEYS[i]
+    return {"tenant": tenant, "code": code}
+
+
+def make_people(engine: sa.Engine, pk_kind: str = "integer", schema: str | None = None) -> sa.Table:
+    t = people_table(sa.MetaData(), pk_kind, schema)
+    t.create(engine)
+    rows = [
+        {**pk_values(pk_kind, i), "n": i, "email": EMAILS[i], "photo": PHOTOS[i]} for i in range(N)
+    ]
+    with engine.begin() as conn:
+        conn.execute(t.insert(), rows)
+    return t
+
+
+def reflected(engine: sa.Engine, table: sa.Table) -> sa.Table:
+    """The table as the database describes it: plain types, no decryption."""
+    return sa.Table(table.name, sa.MetaData(), schema=table.schema, autoload_with=engine)
+
+
+def raw_rows(engine: sa.Engine, table: sa.Table) -> dict[int, tuple[Any, Any]]:
+    """``n -> (email, photo)`` exactly as stored."""
+    t = raw_table(table)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t.c.n, t.c.email, t.c.photo)).all()
+    return {r.n: (r.email, None if r.photo is None else bytes(r.photo)) for r in rows}
+
+
+def raw_table(table: sa.Table) -> sa.TableClause:
+    """The same table with untyped columns: what it selects is what the database holds."""
+    return sa.table(table.name, *(sa.column(c.name) for c in table.columns), schema=table.schema)
+
+
+def read_rows(engine: sa.Engine, table: sa.Table) -> dict[int, tuple[Any, Any]]:
+    """``n -> (email, photo)`` decrypted by the column types."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(table.c.n, table.c.email, table.c.photo)).all()
+    return {r.n: (r.email, r.photo) for r in rows}
+
+
+def originals() -> dict[int, tuple[Any, Any]]:
+    return {i: (EMAILS[i], PHOTOS[i]) for i in range(N)}
+
+
+def count_prefix(engine: sa.Engine, table: sa.Table, column: str, prefix: str) -> int:
+    """Rows of a text column whose stored value starts with ``prefix``, counted by SQL."""
+    t = raw_table(table)
+    with engine.connect() as conn:
+        query = sa.select(sa.func.count()).select_from(t).where(t.c[column].like(prefix + "%"))
+        return int(conn.execute(query).scalar_one())
+
+
+def versions(values: Iterable[Any]) -> Counter[str]:
+    """How many stored values are NULL, on each version of 'pii', or plaintext."""
+    out: Counter[str] = Counter()
+    for value in values:
+        if value is None:
+            out["null"] += 1
+            continue
+        found = envelope.parse_header(value)
+        out["plain" if found is None else f"{found[0]}:{found[1]}"] += 1
+    return out
+
+
+def job_row(engine: sa.Engine, table: str, column: str, operation: str) -> Any:
+    j = jobs_table.c
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(jobs_table).where(
+                j.table_name == table, j.column_name == column, j.operation == operation
+            )
+        ).one_or_none()
+
+
+def assert_clean(
+    exc: BaseException, registry: kf.KeyRegistry, plaintexts: Iterable[str | bytes]
+) -> None:
+    """No key and no plaintext in the error, nor in anything it was chained from."""
+    keys = [MASTER_KEY_BYTES] + [
+        unwrapped_key(registry, s.name, s.version)
+        for s in registry.key_store.versions()
+        if s.wrapped_key
+    ]
+    plain = [p for p in plaintexts if len(p) >= 5]
+    for text in error_texts(exc):
+        assert_no_secret(text, keys)
+        for p in plain:
+            spellings = [p] if isinstance(p, str) else [repr(p), p.hex()]
+            for s in spellings:
+                assert s not in text, f"plaintext {s[:6]!r}... in: {text[:300]!r}"
+
+
+class TransformSpy:
+    """Counts the values the job decrypts or encrypts (``_Transform.__call__``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        real = reencrypt._Transform.__call__
+
+        def spy(transform: reencrypt._Transform, value: Any) -> Any:
+            self.calls += 1
+            return real(transform, value)
+
+        monkeypatch.setattr(reencrypt._Transform, "__call__", spy)
+
+
+# Re-encryption ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pk_kind", PK_KINDS)
+def test_reencrypt_moves_every_row_whatever_the_primary_key(
+    engine: sa.Engine,
+    registry: kf.KeyRegistry,
+    pk_kind: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t = make_people(engine, pk_kind)
+    kf.rotate_data_key("pii")
+    before = raw_rows(engine, t)
+    assert versions(v[0] for v in before.values()) == {"pii:1": NON_NULL_EMAILS, "null": 1}
+
+    # Killed after the first batch, then rerun: the checkpoint holds a key of this kind.
+    def crash(done: int, todo: int) -> None:
+        raise Crash
+
+    with pytest.raises(Crash):
+        reencrypt_column(engine, "people", "email", key="pii", batch_size=4, progress=crash)
+    assert count_prefix(engine, t, "email", "kf1:pii:2:") == 4
+
+    plain = reflected(engine, t)
+    pk = list(plain.primary_key.columns)
+    with engine.connect() as conn:
+        fourth = conn.execute(
+            sa.select(*pk).where(plain.c.email.is_not(None)).order_by(*pk).limit(4)
+        ).all()[-1]
+    starts: list[Any] = []
+    real_sweep = reencrypt._Job.sweep
+
+    def spy(job: Any, last: Any) -> None:
+        starts.append(last)
+        real_sweep(job, last)
+
+    monkeypatch.setattr(reencrypt._Job, "sweep", spy)
+    result = reencrypt_column(engine, "people", "email", key="pii", batch_size=4)
+    assert starts[0] == tuple(fourth), "the rerun did not resume after the checkpoint"
+    assert (result.rows_written, result.finished, result.remaining) == (
+        NON_NULL_EMAILS - 4,
+        True,
+        0,
+    )
+
+    photos = reencrypt_column(engine, "people", "photo", key="pii", batch_size=4)
+    assert (photos.rows_written, photos.finished) == (NON_NULL_PHOTOS, True)
+
+    after = raw_rows(engine, t)
+    assert count_prefix(engine, t, "email", "kf1:pii:2:") == NON_NULL_EMAILS
+    assert count_prefix(engine, t, "email", "kf1:pii:1:") == 0
+    assert versions(v[0] for v in after.values()) == {"pii:2": NON_NULL_EMAILS, "null": 1}
+    assert versions(v[1] for v in after.values()) == {"pii:2": NON_NULL_PHOTOS, "null": 2}
+    for n, (email, photo) in after.items():  # every value rewritten, NULLs left alone
+        assert (email is None) == (before[n][0] is None)
+        assert (photo is None) == (before[n][1] is None)
+        assert email is None or email != before[n][0]
+        assert photo is None or photo != before[n][1]
+    registry.forget()
+    assert read_rows(engine, t) == originals()
+
+
+@pytest.fixture
+def schema(engine: sa.Engine) -> Iterator[str]:
+    """A second schema. On MariaDB a schema is a database of the whole server, and every test
+    session's cleanup drops all kf_test* databases there, so it gets a name of its own."""
+    if engine.dialect.name == "postgresql":  # inside this session's private database
+        name = "kf_test_s"
+    else:
+        name = f"kfs_{os.getpid()}_{secrets.token_hex(3)}"
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {name}")
+    yield name
+    with engine.begin() as conn:
+        cascade = " CASCADE" if engine.dialect.name == "postgresql" else ""
+        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {name}{cascade}")
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_reencrypt_a_schema_qualified_table(
+    engine: sa.Engine, registry: kf.KeyRegistry, schema: str
+) -> None:
+    t = make_people(engine, "composite", schema=schema)
+    people_table(sa.MetaData()).create(engine)  # a same-named table in the default schema
+    kf.rotate_data_key("pii")
+
+    result = reencrypt_column(engine, "people", "email", key="pii", schema=schema, batch_size=4)
+    photos = reencrypt_column(engine, "people", "photo", key="pii", schema=schema, batch_size=4)
+
+    assert (result.rows_written, photos.rows_written) == (NON_NULL_EMAILS, NON_NULL_PHOTOS)
+    assert str(result.column) == f"{schema}.people.email"
+    after = raw_rows(engine, t)
+    assert versions(v[0] for v in after.values()) == {"pii:2": NON_NULL_EMAILS, "null": 1}
+    assert versions(v[1] for v in after.values()) == {"pii:2": NON_NULL_PHOTOS, "null": 2}
+    registry.forget()
+    assert read_rows(engine, t) == originals()
+    assert census.ColumnRef("people", "email", "pii", schema) in census.known_columns(engine)
+    row = job_row(engine, "people", "email", "reencrypt")
+    assert (row.table_schema, row.rows_done, row.finished_at is not None) == (
+        schema,
+        NON_NULL_EMAILS,
+        True,
+    )
+
+
+def test_rows_already_on_the_target_are_not_decrypted(
+    engine: sa.Engine, registry: kf.KeyRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = make_people(engine)  # 8 emails on v1
+    kf.rotate_data_key("pii")
+    with engine.begin() as conn:
+        conn.execute(
+            t.insert(),
+            [{"id": 1000 + i, "n": N + i, "email": f"new{i}@example.com"} for i in range(5)],
+        )
+    on_v2 = {n: v for n, v in raw_rows(engine, t).items() if n >= N}
+    spy = TransformSpy(monkeypatch)
+
+    first = reencrypt_column(engine, "people", "email", key="pii", batch_size=3)
+    assert (spy.calls, first.rows_written) == (NON_NULL_EMAILS, NON_NULL_EMAILS)
+    after = raw_rows(engine, t)
+    assert {n: v for n, v in after.items() if n >= N} == on_v2  # untouched, byte for byte
+    assert count_prefix(engine, t, "email", "kf1:pii:2:") == NON_NULL_EMAILS + 5
+
+    spy.calls = 0
+    second = reencrypt_column(engine, "people", "email", key="pii", batch_size=3)
+    assert (spy.calls, second.rows_written, second.sweeps, second.finished) == (0, 0, 1, True)
+    assert raw_rows(engine, t) == after
+
+
+def test_a_crashed_job_resumes_from_its_checkpoint(
+    engine: sa.Engine, registry: kf.KeyRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = people_table(sa.MetaData())
+    t.create(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            t.insert(), [{"id": i, "n": i, "email": f"user{i}@example.com"} for i in range(10)]
+        )
+    kf.rotate_data_key("pii")
+    spy = TransformSpy(monkeypatch)
+    calls: list[tuple[int, int]] = []
+
+    def crash_after_two_batches(done: int, todo: int) -> None:
+        calls.append((done, todo))
+        if len(calls) == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        reencrypt_column(
+            engine, "people", "email", key="pii", batch_size=3, progress=crash_after_two_batches
+        )
+    assert calls == [(3, 10), (6, 10)]
+    row = job_row(engine, "people", "email", "reencrypt")
+    assert (row.rows_done, row.target_version, row.finished_at) == (6, 2, None)
+    assert count_prefix(engine, t, "email", "kf1:pii:2:") == 6
+    assert spy.calls == 6
+
+    result = reencrypt_column(engine, "people", "email", key="pii", batch_size=3)
+    assert (result.rows_written, result.rows_conflicted, result.finished) == (4, 0, True)
+    assert spy.calls == 10  # no row was decrypted (nor written) twice
+    row = job_row(engine, "people", "email", "reencrypt")
+    assert row.rows_done == 10  # continued from 6, not restarted
+    assert row.finished_at is not None
+    assert count_prefix(engine, t, "email", "kf1:pii:2:") == 10
+    registry.forget()
+    with engine.connect() as conn:
+        emails = conn.execute(sa.select(t.c.email).order_by(t.c.id)).scalars().all()
+    assert emails == [f"user{i}@example.com" for i in range(10)]
+
+
+def test_dry_run_counts_and_changes_nothing(engine: sa.Engine, registry: kf.KeyRegistry) -> None:
+    t = make_people(engine)
+    kf.rotate_data_key("pii")
+    before = raw_rows(engine, t)
+
+    result = reencrypt_column(engine, "people", "email", key="pii", dry_run=True)
+    photos = reencrypt_column(engine, "people", "photo", key="pii", dry_run=True)
+
+    assert (result.dry_run, result.remaining, result.rows_written) == (True, NON_NULL_EMAILS, 0)
+    assert (result.finished, result.target_version) == (False, 2)
+    assert photos.remaining == NON_NULL_PHOTOS
+    assert raw_rows(engine, t) == before
+    assert job_row(engine, "people", "email", "reencrypt") is None
+    assert census.known_columns(engine) == []
+
+
+def test_rows_per_second_throttles_the_job(engine: sa.Engine, registry: kf.KeyRegistry) -> None:
+    t = people_table(sa.MetaData())
+    t.create(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            t.insert(), [{"id": i, "n": i, "email": f"u{i}@example.com"} for i in range(12)]
+        )
+    kf.rotate_data_key("pii")
+
+    started = time.monotonic()
+    result = reencrypt_column(
+        engine, "people", "email", key="pii", batch_size=4, rows_per_second=30
+    )
+    elapsed = time.monotonic() - started
+
+    assert result.rows_written == 12
+    assert elapsed >= 0.3, f"12 rows at 30 rows/s took only {elapsed:.2f} s"  # 0.4 s expected
+    assert elapsed < 10
+
+
+def test_a_row_changed_during_the_batch_is_not_overwritten(
+    engine: sa.Engine, registry: kf.KeyRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = make_people(engine)
+    v1 = registry.data_key("pii", 1)
+    kf.rotate_data_key("pii")
+    victim = 5  # n of the row the application changes
+    stored = raw_rows(engine, t)[victim][0]
+    # The application writes meanwhile, from a process still on v1 (its active version is cached).
+    app_value = v1.encrypt_text(b"changed-by-the-app@example.com")
+    real = reencrypt._Transform.__call__
+    changed: list[Any] = []
+
+    def transform_then_race(transform: reencrypt._Transform, value: Any) -> Any:
+        out = real(transform, value)
+        if value == stored and not changed:
+            # After the job's SELECT of this batch, before its UPDATE: another connection commits.
+            with engine.connect() as other:
+                other.execute(
+                    sa.text("UPDATE people SET email = :v WHERE n = :n"),
+                    {"v": app_value, "n": victim},
+                )
+                other.commit()
+            changed.append(value)
+        return out
+
+    monkeypatch.setattr(reencrypt._Transform, "__call__", transform_then_race)
+    result = reencrypt_column(engine, "people", "email", key="pii", batch_size=20, settle_timeout=5)
+
+    assert changed, "the race was never staged"
+    assert result.rows_conflicted == 1
+    assert result.sweeps >= 2  # the census found the application's v1 value and swept again
+    assert result.finished
+    assert count_prefix(engine, t, "email", "kf1:pii:2:") == NON_NULL_EMAILS
+    registry.forget()
+    got = read_rows(engine, t)
+    assert got[victim][0] == "changed-by-the-app@example.com"
+    assert all(got[n][0] == EMAILS[n] for n in range(N) if n != victim)
+
+
+def test_an_undecryptable_row_stops_the_batch_with_a_clean_error(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    t = make_people(engine)
+    kf.rotate_data_key("pii")
+    broken = raw_rows(engine, t)[6][0]
+    tampered = broken[:-3] + ("A" if broken[-3] != "A" else "B") + broken[-2:]
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE people SET email = :v WHERE n = 6"), {"v": tampered})
+    before = raw_rows(engine, t)
+
+    with pytest.raises(kf.KmsFieldError) as raised:
+        reencrypt_column(engine, "people", "email", key="pii", batch_size=50)
+
+    error = raised.value
+    assert isinstance(error, reencrypt.ReencryptionError)
+    assert (error.table, error.column, error.primary_key) == ("people", "email", (_INT_KEYS[6],))
+    assert "people.email" in str(error) and "'pii' version 1" in str(error)
+    assert_clean(error, registry, SECRET_TEXTS)
+    assert raw_rows(engine, t) == before  # nothing of that batch was written
+
+    result = reencrypt_column(engine, "people", "email", key="pii", skip_undecryptable=True)
+    assert (result.skipped, result.finished, result.rows_written) == (
+        [_INT_KEYS[6]],
+        True,
+        NON_NULL_EMAILS - 1,
+    )
+    assert raw_rows(engine, t)[6][0] == tampered
+
+
+def test_no_in_memory_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:
+    reset_global_registry(monkeypatch)
+    for url in ("sqlite://", "sqlite:///:memory:"):
+        engine = sa.create_engine(url)
+        try:
+            with pytest.raises(kf.ConfigurationError, match="in-memory SQLite"):
+                reencrypt_column(engine, "people", "email", key="pii")
+            with pytest.raises(kf.ConfigurationError, match="in-memory SQLite"):
+                encrypt_column(engine, "people", "email", key="pii")
+        finally:
+            engine.dispose()
+
+
+def test_a_table_without_primary_key_is_refused(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    t = sa.Table(
+        "logbook",
+        sa.MetaData(),
+        sa.Column("at", sa.Integer),
+        sa.Column("email", kf.EncryptedString(320, key="pii")),
+    )
+    t.create(engine)
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [{"at": 1, "email": "alice@example.com"}])
+    kf.rotate_data_key("pii")
+    before = raw_rows_of(engine, "logbook", "email")
+
+    with pytest.raises(kf.ConfigurationError, match="no primary key") as raised:
+        reencrypt_column(engine, "logbook", "email", key="pii")
+    assert "'logbook'" in str(raised.value)
+    assert_clean(raised.value, registry, ["alice@example.com"])
+    assert raw_rows_of(engine, "logbook", "email") == before
+
+
+def raw_rows_of(engine: sa.Engine, table: str, column: str) -> list[Any]:
+    t = sa.Table(table, sa.MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        return sorted(conn.execute(sa.select(t.c[column])).scalars().all(), key=repr)
+
+
+# Plaintext in and out ---------------------------------------------------------------------------
+
+PLAIN_EMAILS: list[str | None] = [
+    f"user{i}@example.com" if i % 5 else ("" if i == 5 else None) for i in range(12)
+]
+
+
+def app_users(metadata: sa.MetaData) -> sa.Table:
+    """The application's view while the column is migrated: header-less values are plaintext."""
+    return sa.Table(
+        "users",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", kf.EncryptedString(320, key="pii", accept_plaintext=True)),
+    )
+
+
+@pytest.fixture
+def plain_users(engine: sa.Engine, registry: kf.KeyRegistry) -> sa.Table:
+    """``users.email`` in plaintext, then widened for ciphertext as migration 0003 does."""
+    plain = sa.Table(
+        "users",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", sa.String(320)),
+    )
+    plain.create(engine)
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "email": e} for i, e in enumerate(PLAIN_EMAILS)])
+        operations = Operations(MigrationContext.configure(conn))
+        with operations.batch_alter_table("users") as batch:
+            batch.alter_column(
+                "email", type_=kf.EncryptedString(320, key="pii"), existing_type=sa.String(320)
+            )
+    return app_users(sa.MetaData())
+
+
+def app_read(engine: sa.Engine, users: sa.Table) -> list[str | None]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(users.c.email).order_by(users.c.id)).scalars())
+
+
+def raw_users(engine: sa.Engine) -> list[Any]:
+    with engine.connect() as conn:
+        return list(conn.execute(sa.text("SELECT email FROM users ORDER BY id")).scalars())
+
+
+def test_encrypt_column_while_the_application_reads(
+    engine: sa.Engine, plain_users: sa.Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert app_read(engine, plain_users) == PLAIN_EMAILS
+    seen: list[Counter[str]] = []
+
+    def read_between_batches(done: int, todo: int) -> None:
+        assert app_read(engine, plain_users) == PLAIN_EMAILS
+        seen.append(versions(raw_users(engine)))
+
+    result = encrypt_column(
+        engine, "users", "email", key="pii", batch_size=3, progress=read_between_batches
+    )
+
+    non_null = sum(e is not None for e in PLAIN_EMAILS)
+    assert (result.rows_written, result.finished, result.target_version) == (non_null, True, 1)
+    assert len(seen) == 4
+    assert seen[0] == {"pii:1": 3, "plain": non_null - 3, "null": 2}  # mixed, and still read
+    assert app_read(engine, plain_users) == PLAIN_EMAILS
+    assert versions(raw_users(engine)) == {"pii:1": non_null, "null": 2}
+    assert count_prefix(engine, plain_users, "email", "kf1:pii:1:") == non_null
+    for stored, plain in zip(raw_users(engine), PLAIN_EMAILS, strict=True):
+        assert (stored is None) == (plain is None)
+        assert not plain or plain not in stored
+    # The application without the migration flag reads the finished column too.
+    strict = sa.Table(
+        "users",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", kf.EncryptedString(320, key="pii")),
+    )
+    assert app_read(engine, strict) == PLAIN_EMAILS
+    assert census.ColumnRef("users", "email", "pii") in census.known_columns(engine)
+
+    # Run again (after a rotation, even): nothing to do, nothing refused, nothing decrypted.
+    stored = raw_users(engine)
+    kf.rotate_data_key("pii")
+    spy = TransformSpy(monkeypatch)
+    again = encrypt_column(engine, "users", "email", key="pii", batch_size=3)
+    assert (again.rows_written, again.finished, again.sweeps, spy.calls) == (0, True, 1, 0)
+    assert raw_users(engine) == stored
+
+
+def test_decrypt_column_gives_back_the_plaintext(
+    engine: sa.Engine, plain_users: sa.Table, registry: kf.KeyRegistry
+) -> None:
+    encrypt_column(engine, "users", "email", key="pii", batch_size=5)
+    kf.rotate_data_key("pii")
+    with engine.begin() as conn:  # a row written on v2 after the rotation
+        conn.execute(
+            plain_users.update().where(plain_users.c.id == 1).values(email="v2@example.com")
+        )
+    expected = ["v2@example.com" if i == 1 else e for i, e in enumerate(PLAIN_EMAILS)]
+    assert versions(raw_users(engine))["pii:2"] == 1
+
+    result = decrypt_column(engine, "users", "email", key="pii", batch_size=5)
+
+    assert (result.rows_written, result.finished) == (sum(e is not None for e in expected), True)
+    assert raw_users(engine) == expected
+    assert app_read(engine, plain_users) == expected
+    assert census.known_columns(engine) == []  # no longer an encrypted column
+    again = decrypt_column(engine, "users", "email", key="pii")
+    assert (again.rows_written, again.finished) == (0, True)
+
+
+def test_encrypt_and_decrypt_a_binary_column(engine: sa.Engine, registry: kf.KeyRegistry) -> None:
+    plain = sa.Table(
+        "files",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("photo", sa.LargeBinary),
+    )
+    plain.create(engine)
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "photo": p} for i, p in enumerate(PHOTOS)])
+    app = sa.Table(
+        "files",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("photo", kf.EncryptedBytes(key="pii", accept_plaintext=True)),
+    )
+
+    def stored() -> list[bytes | None]:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(plain.c.photo).order_by(plain.c.id)).scalars()
+            return [None if v is None else bytes(v) for v in rows]
+
+    encrypted = encrypt_column(engine, "files", "photo", key="pii", batch_size=4)
+    left = [p for p, v in zip(PHOTOS, stored(), strict=True) if v is not None and v == p]
+    assert left == [], f"left in plaintext by a finished={encrypted.finished} job"
+    assert versions(stored()) == {"pii:1": NON_NULL_PHOTOS, "null": 2}
+    assert encrypted.rows_written == NON_NULL_PHOTOS
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(app.c.photo).order_by(app.c.id)).scalars().all() == PHOTOS
+
+    decrypted = decrypt_column(engine, "files", "photo", key="pii", batch_size=4)
+    assert decrypted.rows_written == NON_NULL_PHOTOS
+    assert stored() == PHOTOS
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_a_column_too_narrow_for_ciphertext_loses_nothing(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    """encrypt_column on a column that was not widened: the database must refuse the batch (no
+    value may be cut short), and the error must not carry the batch's plaintext with it."""
+    plain = sa.Table(
+        "users",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", sa.String(40)),
+    )
+    plain.create(engine)
+    secrets = [f"secret-person-{i}@example.com" for i in range(4)]
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "email": e} for i, e in enumerate(secrets)])
+
+    error: BaseException | None = None
+    try:
+        encrypt_column(engine, "users", "email", key="pii", batch_size=10)
+    except Exception as exc:
+        error = exc
+
+    for stored, secret in zip(raw_users(engine), secrets, strict=True):
+        assert stored == secret or decrypts_to(registry, stored, secret), (
+            f"the plaintext was replaced by {stored!r}, which does not decrypt to it: lost"
+        )
+    assert error is not None, "the job reported success on a column too narrow for ciphertext"
+    assert_clean(error, registry, secrets)
+
+
+def decrypts_to(registry: kf.KeyRegistry, stored: str, plaintext: str) -> bool:
+    try:
+        name, version = envelope.parse_header(stored) or ("", 0)
+        return registry.data_key(name, version).decrypt_text(stored) == plaintext.encode()
+    except kf.KmsFieldError:
+        return False
+
+
+NON_ASCII = ["Ωmegasecretxyz Üñíçødé", "zoë-qvxjwyzk@exämple.com", "東京都渋谷区secretward"]
+
+
+def assert_no_fragment(exc: BaseException, plaintexts: Iterable[str]) -> None:
+    """Not even four characters of a plaintext (a database may quote the start of a value)."""
+    for text in error_texts(exc):
+        for p in plaintexts:
+            for i in range(len(p) - 3):
+                assert p[i : i + 4] not in text, f"plaintext fragment {p[i : i + 4]!r} in {text!r}"
+
+
+def test_encrypt_and_decrypt_non_ascii_plaintext(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    """Names and addresses are rarely ASCII: the documented path (widen as migration 0003 does,
+    encrypt, later decrypt) must carry them in and out unchanged."""
+    plain = sa.Table(
+        "users",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", sa.String(320)),
+    )
+    plain.create(engine)
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "email": e} for i, e in enumerate(NON_ASCII)])
+    try:
+        with engine.begin() as conn:
+            operations = Operations(MigrationContext.configure(conn))
+            with operations.batch_alter_table("users") as batch:
+                batch.alter_column(
+                    "email", type_=kf.EncryptedString(320, key="pii"), existing_type=sa.String(320)
+                )
+    except sa.exc.DBAPIError as exc:
+        pytest.fail(
+            "widening the column to EncryptedString(320) as migration 0003 does failed on "
+            f"{engine.dialect.name}: {type(exc.orig).__name__}: the plaintext does not fit the "
+            "ciphertext column's character set"
+        )
+    users = app_users(sa.MetaData())
+
+    encrypt_column(engine, "users", "email", key="pii")
+    assert versions(raw_users(engine)) == {"pii:1": len(NON_ASCII)}
+    assert app_read(engine, users) == NON_ASCII
+    decrypt_column(engine, "users", "email", key="pii")
+    assert raw_users(engine) == NON_ASCII
+
+
+def test_decrypt_column_of_non_ascii_values(engine: sa.Engine, registry: kf.KeyRegistry) -> None:
+    """A column encrypted from day one, then taken back out: either the plaintext comes back, or
+    a clean error leaves every row encrypted and quotes no plaintext."""
+    users = sa.Table(
+        "users",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", kf.EncryptedString(320, key="pii")),
+    )
+    users.create(engine)
+    with engine.begin() as conn:
+        conn.execute(users.insert(), [{"id": i, "email": e} for i, e in enumerate(NON_ASCII)])
+    before = raw_users(engine)
+
+    try:
+        decrypt_column(engine, "users", "email", key="pii")
+    except Exception as exc:
+        assert raw_users(engine) == before  # nothing of the batch was written
+        assert_no_fragment(exc, NON_ASCII)
+        assert_clean(exc, registry, NON_ASCII)
+        assert isinstance(exc, kf.KmsFieldError), f"not a library error: {type(exc).__name__}"
+        assert "users.email" in str(exc)
+    else:
+        assert raw_users(engine) == NON_ASCII

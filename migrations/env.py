@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import context
 
 import sqlalchemy_kms_field as kf
-import sqlalchemy_kms_field.alembic_ops
+import sqlalchemy_kms_field.alembic_ops as kf_alembic  # registers op.reencrypt_column & co.
 
 config = context.config
 if config.config_file_name:
@@ -44,7 +44,12 @@ def run_migrations_online() -> None:
     engine = sa.create_engine(url, hide_parameters=True)
     kf.configure(master_key=master_key(), key_store=kf.SqlKeyStore(engine))
     with engine.connect() as connection:
-        context.configure(connection=connection, transaction_per_migration=True)
+        context.configure(
+            connection=connection,
+            transaction_per_migration=True,
+            render_item=kf_alembic.render_item,  # adds `import sqlalchemy_kms_field`
+            include_object=kf_alembic.include_object,  # never drop the key store tables
+        )
         with context.begin_transaction():
             context.run_migrations()
 

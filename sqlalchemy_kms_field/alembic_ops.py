@@ -16,12 +16,17 @@ is not stamped; running ``alembic upgrade`` again resumes where it stopped. ``ro
 does not rotate again on that rerun while a re-encryption to the active version is unfinished.
 
 Offline ``--sql`` mode is refused: re-encryption needs Python, not SQL.
+
+For autogenerate, pass the two hooks of this module to ``context.configure`` in ``env.py``:
+``render_item=render_item`` (adds ``import sqlalchemy_kms_field`` to migrations that use our
+column types) and ``include_object=include_object`` (keeps autogenerate from proposing to drop
+the library's own tables, which hold the wrapped keys).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from alembic.operations import MigrateOperation, Operations
 
@@ -33,6 +38,26 @@ from .reencrypt import Operation, run_job, unfinished_jobs
 from .registry import get_registry
 
 log = logging.getLogger(__name__)
+
+
+LIBRARY_TABLES = frozenset({"kms_field_keys", "kms_field_jobs", "kms_field_columns"})
+
+
+def render_item(type_: str, obj: Any, autogen_context: Any) -> Literal[False]:
+    """Alembic ``render_item`` hook: import this library in migrations that use its types."""
+    from .blind_index import BlindIndex
+    from .types import _EncryptedType
+
+    if type_ == "type" and isinstance(obj, (_EncryptedType, BlindIndex)):
+        autogen_context.imports.add("import sqlalchemy_kms_field")
+    return False  # render as usual: sqlalchemy_kms_field.EncryptedString(320, key='pii')
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """Alembic ``include_object`` hook: never propose to drop the library's own tables."""
+    return not (type_ == "table" and reflected and compare_to is None and name in LIBRARY_TABLES)
 
 
 def _online(operations: Operations, what: str) -> None:

@@ -161,21 +161,30 @@ class SqlKeyStore:
             )
 
     def activate(self, name: str, version: int) -> None:
-        """Make ``version`` the active one; lower active versions become READABLE."""
+        """Make ``version`` the active one, unless a higher version is active already.
+
+        Exactly one version stays ACTIVE whatever the interleaving of concurrent rotations:
+        the first statement locks the name's rows (row locks on PostgreSQL and MySQL, the
+        write lock on SQLite) until the transaction ends.
+        """
         t = self.table
+        mine = (t.c.name == name) & (t.c.version == version)
         with self.engine.begin() as conn:
+            conn.execute(t.update().where(t.c.name == name).values(state=t.c.state))
+            current = conn.execute(
+                sa.select(sa.func.max(t.c.version)).where(
+                    t.c.name == name, t.c.state == KeyState.ACTIVE.value
+                )
+            ).scalar_one()
+            if current is not None and current > version:
+                conn.execute(t.update().where(mine).values(state=KeyState.READABLE.value))
+                return
             conn.execute(
                 t.update()
-                .where(t.c.name == name, t.c.version == version)
-                .values(state=KeyState.ACTIVE.value)
-            )
-            # Concurrent rotations may each activate their own version: the highest active
-            # version wins (see active_version), and this demotes what it can see below it.
-            conn.execute(
-                t.update()
-                .where(t.c.name == name, t.c.state == KeyState.ACTIVE.value, t.c.version < version)
+                .where(t.c.name == name, t.c.state == KeyState.ACTIVE.value, t.c.version != version)
                 .values(state=KeyState.READABLE.value)
             )
+            conn.execute(t.update().where(mine).values(state=KeyState.ACTIVE.value))
 
     def set_state(self, name: str, version: int, state: KeyState) -> None:
         t = self.table

@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
-import enum
 import json
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.dialects import mysql
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import Label, UnaryExpression
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from . import envelope
@@ -69,6 +70,23 @@ class _Comparator(TypeDecorator.Comparator[Any]):
             "nothing; declare a BlindIndex column for equality lookups, or filter on another "
             "column (IS NULL works)"
         )
+
+
+@event.listens_for(Engine, "before_execute")
+def _refuse_ordering(conn: Any, clauseelement: Any, *args: Any) -> None:
+    """A bare ``order_by(col)``/``group_by(col)`` never reaches the comparator: check here."""
+    for clause in (
+        *getattr(clauseelement, "_order_by_clauses", ()),
+        *getattr(clauseelement, "_group_by_clauses", ()),
+    ):
+        element = clause
+        while isinstance(element, (UnaryExpression, Label)):
+            element = element.element
+        if isinstance(getattr(element, "type", None), _EncryptedType):
+            raise UnsupportedOperationError(
+                f"cannot ORDER BY or GROUP BY encrypted column {_describe(element)}: values are "
+                "encrypted with random nonces, so their order and equality mean nothing"
+            )
 
 
 def _describe(expr: Any) -> str:
@@ -133,7 +151,9 @@ class _EncryptedType(TypeDecorator[T]):
             key = self._key(*found)
         return self._deserialize(key.decrypt_text(value))
 
-    def process_literal_param(self, value: Any, dialect: Dialect) -> str:
+    def literal_processor(self, dialect: Dialect) -> Any:
+        # Raised here, not in process_literal_param: SQLAlchemy wraps errors of the latter in
+        # a CompileError that quotes the value, i.e. the plaintext.
         raise UnsupportedOperationError(
             f"refusing to render a value of {self!r} as a SQL literal: it would put the "
             "plaintext into the SQL text; use bound parameters"
@@ -153,7 +173,8 @@ class _EncryptedType(TypeDecorator[T]):
             ) from exc
 
     def _plaintext_or_fail(self, value: Any) -> T:
-        if self.accept_plaintext:
+        # A value that starts like our header but does not parse was altered: never plaintext.
+        if self.accept_plaintext and value[:4] not in ("kf1:", b"kf1:"):
             return self._from_plaintext(value)
         raise DecryptionError(
             f"a value in a column encrypted with data key {self.key!r} is not "
@@ -220,7 +241,12 @@ class EncryptedString(_EncryptedType[str]):
                 f"a value of {len(value)} characters does not fit {self!r}; raise the length"
             )
         self._refuse_ciphertext(value)
-        return value.encode("utf-8")
+        try:
+            return value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EncryptionError(
+                f"{self!r} cannot store this str: it is not valid Unicode (a lone surrogate?)"
+            ) from None
 
     def _deserialize(self, data: bytes) -> str:
         return data.decode("utf-8")
@@ -261,8 +287,11 @@ class EncryptedBytes(_EncryptedType[bytes]):
             super().__init__(envelope.binary_length(length, self.key))
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
-        if dialect.name in ("mysql", "mariadb") and self.length is None:
-            return dialect.type_descriptor(mysql.LONGBLOB())
+        if dialect.name in ("mysql", "mariadb"):
+            size = None if self.length is None else envelope.binary_length(self.length, self.key)
+            if size is None or size > 16000:
+                return dialect.type_descriptor(mysql.LONGBLOB())
+            return dialect.type_descriptor(mysql.VARBINARY(size))
         return self.impl_instance
 
     def _serialize(self, value: Any) -> bytes:
@@ -326,7 +355,7 @@ Codec = tuple[type | tuple[type, ...], Callable[[Any], str], Callable[[str], Any
 def _enum_codec(inner: sa.Enum) -> Codec:
     enum_class = inner.enum_class
     if enum_class is not None:
-        return enum.Enum, lambda v: enum_class(v).name, lambda s: enum_class[s]
+        return enum_class, lambda v: v.name, lambda s: enum_class[s]
 
     def check(v: Any) -> str:
         if v not in inner.enums:
@@ -401,7 +430,7 @@ class Encrypted(_EncryptedType[Any]):
         ):
             raise EncryptionError(f"{self!r} cannot store a {type(value).__name__}")
         text = self._encode(value)
-        if len(text) > 255:
+        if len(text.encode("utf-8")) > 255:
             raise EncryptionError(f"the serialized value is too long for {self!r}")
         return text.encode("utf-8")
 

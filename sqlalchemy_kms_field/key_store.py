@@ -206,6 +206,16 @@ class SqlKeyStore:
             )
         return result.rowcount == 1
 
+    def discard_pending(self, name: str, version: int) -> None:
+        """Delete a PENDING version (one that failed before it was verified and activated)."""
+        t = self.table
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.delete().where(
+                    t.c.name == name, t.c.version == version, t.c.state == KeyState.PENDING.value
+                )
+            )
+
     def destroy(self, name: str, version: int) -> None:
         """Erase the wrapped key of a version: values under it can never be decrypted again."""
         t = self.table

@@ -190,7 +190,7 @@ _HINTS = {
     "and AWS_ENDPOINT_URL_KMS",
     "NoCredentials": "no AWS credentials were found: set a profile, environment credentials or "
     "a role",
-    "NoRegion": "no AWS region is set: pass region_name or set AWS_REGION",
+    "NoRegion": "no AWS region is set: pass region_name, or set AWS_REGION or AWS_DEFAULT_REGION",
 }
 
 

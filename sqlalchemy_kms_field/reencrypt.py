@@ -45,22 +45,7 @@ log = logging.getLogger(__name__)
 Operation = Literal["reencrypt", "encrypt", "decrypt", "reindex"]
 ProgressCallback = Callable[[int, int], None]  # (rows done in this run, rows to do at start)
 
-jobs_table = sa.Table(
-    "kms_field_jobs",
-    census._metadata,
-    sa.Column("table_schema", sa.String(128), primary_key=True),
-    sa.Column("table_name", sa.String(128), primary_key=True),
-    sa.Column("column_name", sa.String(128), primary_key=True),
-    sa.Column("operation", sa.String(16), primary_key=True),
-    sa.Column("key_name", sa.String(64), nullable=False),
-    sa.Column("target_version", sa.Integer, nullable=True),
-    sa.Column("last_key", sa.Text, nullable=True),  # JSON list of the last primary key done
-    sa.Column("rows_done", sa.BigInteger, nullable=False),
-    sa.Column("rows_skipped", sa.BigInteger, nullable=False),
-    sa.Column("started_at", sa.DateTime, nullable=False),
-    sa.Column("updated_at", sa.DateTime, nullable=False),
-    sa.Column("finished_at", sa.DateTime, nullable=True),
-)
+jobs_table = census.jobs_table
 
 
 @dataclass

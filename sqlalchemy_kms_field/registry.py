@@ -158,6 +158,15 @@ class KeyRegistry:
         return key
 
     def _new_version(self, name: str, version: int, kind: str) -> bytes:
+        try:
+            return self._generate_and_verify(name, version, kind)
+        except BaseException:
+            # Nothing was written under this version: free its number, so that a retry of
+            # create_data_key does not find a half-made key (KMS refused, process killed...).
+            self.key_store.discard_pending(name, version)
+            raise
+
+    def _generate_and_verify(self, name: str, version: int, kind: str) -> bytes:
         context = key_context(name, version, kind)
         plaintext, wrapped, master_key_id = self.master_key.generate_data_key(context)
         self.key_store.store_wrapped(name, version, wrapped, master_key_id)

@@ -42,7 +42,10 @@ def run_migrations_offline() -> None:
 
 def run_migrations_online() -> None:
     engine = sa.create_engine(url, hide_parameters=True)
-    kf.configure(master_key=master_key(), key_store=kf.SqlKeyStore(engine))
+    # active_ttl: how long processes keep the active key versions before re-reading them; a
+    # reindex waits that long after an index-key rotation. Keep it equal to the application's.
+    active_ttl = float(os.environ.get("KMS_FIELD_ACTIVE_TTL", "60"))
+    kf.configure(master_key=master_key(), key_store=kf.SqlKeyStore(engine), active_ttl=active_ttl)
     with engine.connect() as connection:
         context.configure(
             connection=connection,

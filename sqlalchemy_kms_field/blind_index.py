@@ -29,12 +29,13 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeDecorator
 
 from . import envelope
-from .exc import ConfigurationError, EncryptionError, UnsupportedOperationError
+from .exc import ConfigurationError, EncryptionError, KmsFieldError, UnsupportedOperationError
 from .registry import get_registry
 
 Normalizer = Callable[[str], str]
@@ -103,7 +104,18 @@ class BlindIndex(TypeDecorator[str]):
         self._normalize = _normalizer(self.normalizer)
         self._nbytes = bits // 8
         head = len(envelope.header(self.key, 10**envelope.MAX_VERSION_DIGITS - 1))
-        super().__init__(head + len(envelope.b64encode(bytes(self._nbytes))))
+        self._length = head + len(envelope.b64encode(bytes(self._nbytes)))
+        super().__init__(self._length)
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name in ("mysql", "mariadb"):
+            # Exact, case-sensitive comparisons: index values differ in case only by chance.
+            from sqlalchemy.dialects import mysql
+
+            return dialect.type_descriptor(
+                mysql.VARCHAR(self._length, charset="ascii", collation="ascii_bin")
+            )
+        return self.impl_instance
 
     def __repr__(self) -> str:
         args = [repr(self.source), f"key={self.key!r}"]
@@ -187,13 +199,13 @@ def rewrite_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> Any:
     typ: BlindIndex = index.type  # type: ignore[assignment]
     values = other[0]
     if op in (operators.in_op, operators.not_in_op):
-        if isinstance(values, sa.ClauseElement) or not isinstance(values, (list, tuple, set)):
+        if isinstance(values, sa.ClauseElement) or not isinstance(values, list | tuple | set):
             raise UnsupportedOperationError(
                 f"IN on {index.key}'s source needs a list of Python values to hash"
             )
     else:
         values = [values]
-    if any(isinstance(v, sa.ClauseElement) for v in values):
+    if any(isinstance(v, sa.ClauseElement) or hasattr(v, "__clause_element__") for v in values):
         raise UnsupportedOperationError(
             f"comparing encrypted column {expr.key!r} through its blind index needs Python "
             "values (they are hashed in Python), not SQL expressions or bind parameters"
@@ -226,7 +238,48 @@ def _fill_indexes(
             multiparams = [_fill_params(p, key, index, typ) for p in multiparams]
             if params:
                 params = _fill_params(params, key, index, typ)
+            if isinstance(clauseelement, Insert) and _is_unique(index):
+                values = [p[key] for p in (*multiparams, params) if p and p.get(key) is not None]
+                _check_older_versions(conn, index, typ, values)
     return clauseelement, multiparams, params
+
+
+def _is_unique(index: sa.Column[Any]) -> bool:
+    table = index.table
+    return (
+        bool(index.unique)
+        or any(
+            isinstance(c, sa.UniqueConstraint) and list(c.columns) == [index]
+            for c in table.constraints
+        )
+        or any(i.unique and list(i.columns) == [index] for i in table.indexes)
+    )
+
+
+def _check_older_versions(
+    conn: Connection, index: sa.Column[Any], typ: BlindIndex, values: list[Any]
+) -> None:
+    """While an index-key rotation is under way, a unique constraint on the index column only
+    sees duplicates under the same version: look for the value under the older live versions
+    too before inserting it."""
+    keys = get_registry().index_keys(typ.key)
+    if len(keys) < 2 or not values:
+        return
+    older = [k.compute(typ._data(v), typ._nbytes) for v in values for k in keys[1:]]
+    found = conn.execute(sa.select(index).where(index.in_(older)).limit(1)).first()
+    if found is not None:
+        raise sa.exc.IntegrityError(
+            f"INSERT INTO {index.table}",  # no parameters: they are plaintext
+            None,
+            DuplicateIndexValue(
+                f"a row with the same {index.name!r} already exists under an older version of "
+                f"index key {typ.key!r} (a reindex is under way)"
+            ),
+        )
+
+
+class DuplicateIndexValue(KmsFieldError):
+    """The ``orig`` of the IntegrityError raised for a duplicate caught across index versions."""
 
 
 def _fill_params(
@@ -243,6 +296,14 @@ def _source_param(
     stmt: Any, source: str, index: sa.Column[Any], typ: BlindIndex
 ) -> tuple[Any, str | None]:
     """Fill the index from ``.values()``; return the execute() parameter holding the source."""
+    if getattr(stmt, "select", None) is not None:
+        names = {getattr(c, "key", c) for c in getattr(stmt, "_select_names", None) or ()}
+        if source in names and index.key not in names:
+            raise EncryptionError(
+                f"INSERT ... FROM SELECT cannot fill blind index {index.key!r}; select it too, "
+                "or insert the rows with execute() parameters"
+            )
+        return stmt, None
     for row in getattr(stmt, "_multi_values", None) or ():
         for values in row:
             keys = {getattr(k, "key", k) for k in values} if isinstance(values, dict) else set()
@@ -263,6 +324,32 @@ def _source_param(
             f"{source!r}; assign a Python value"
         )
     return stmt, source
+
+
+# Keeping loaded entities in step -----------------------------------------------------------
+
+
+@event.listens_for(Mapper, "mapper_configured")
+def _track_sources(mapper: Mapper[Any], class_: type) -> None:
+    """Setting ``user.email`` also sets ``user.email_index`` on the object (the database row
+    gets it from the before_execute hook either way)."""
+    for table in mapper.tables:
+        for source, index in _index_columns(table).items():
+            source_prop = mapper.get_property_by_column(table.c[source])
+            index_prop = mapper.get_property_by_column(index)
+            typ: BlindIndex = index.type  # type: ignore[assignment]
+
+            def on_set(
+                target: Any,
+                value: Any,
+                old: Any,
+                initiator: Any,
+                _attr: str = index_prop.key,
+                _typ: BlindIndex = typ,
+            ) -> None:
+                setattr(target, _attr, _typ.compute(value))
+
+            event.listen(getattr(class_, source_prop.key), "set", on_set)
 
 
 # Exact lookups with truncated indexes --------------------------------------------------------

@@ -173,12 +173,13 @@ def known_columns(conn: Connection | Engine) -> list[ColumnRef]:
 
 def columns_from_metadata(metadata: sa.MetaData) -> list[ColumnRef]:
     """Every column of ``metadata`` declared with one of this library's encrypted types."""
+    from .blind_index import BlindIndex
     from .types import _EncryptedType
 
     found = []
     for table in metadata.tables.values():
         for col in table.columns:
-            if isinstance(col.type, _EncryptedType):
+            if isinstance(col.type, _EncryptedType | BlindIndex):
                 found.append(ColumnRef(table.name, col.name, col.type.key, table.schema))
     return sorted(found)
 

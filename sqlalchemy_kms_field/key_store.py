@@ -79,10 +79,10 @@ class SqlKeyStore:
         if row is None:
             if not known:
                 raise KeyNotFoundError(
-                    f"no data key named {name!r} in the key store; "
-                    f"create it with create_data_key({name!r})"
+                    f"no key named {name!r} in the key store; create it with "
+                    f"create_data_key({name!r}) (or create_index_key for a blind-index key)"
                 )
-            raise KeyNotFoundError(f"data key {name!r} has no version {version} in the key store")
+            raise KeyNotFoundError(f"key {name!r} has no version {version} in the key store")
         return _stored(row)
 
     def versions(self, name: str | None = None) -> list[StoredKey]:

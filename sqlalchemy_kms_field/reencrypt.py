@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
@@ -190,6 +190,7 @@ def run_job(
     registry: KeyRegistry | None = None,
     index: BlindIndex | None = None,
     index_column: str | None = None,
+    wait_for_processes: bool = True,
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
 
@@ -198,6 +199,10 @@ def run_job(
     ``key``; the compare-and-swap then also requires the source to be unchanged.
     ``operation="encrypt"`` with ``index`` and ``index_column`` fills that blind-index column
     in the same UPDATE as the ciphertext.
+
+    A reindex first waits until ``active_ttl`` (plus a margin) has passed since the target
+    index-key version was created (``wait_for_processes``): a process that has not re-read the
+    live versions yet would not find a row whose index already moved to the new version.
 
     ``settle_timeout`` bounds how long the job keeps sweeping rows that other processes are
     still writing under an older version (default: twice the registry's ``active_ttl`` plus
@@ -263,6 +268,8 @@ def run_job(
         result.remaining = todo
         return result
 
+    if operation == "reindex" and wait_for_processes:
+        _wait_until_every_process_knows(registry, key, target_index.version)
     last = _start(engine, ref, operation, result.target_version)
     if companion is not None and index is not None:
         with engine.begin() as conn:
@@ -571,6 +578,21 @@ def _unsized_type(typ: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
     if isinstance(typ, sa.LargeBinary):
         return sa.LargeBinary()
     return typ
+
+
+def _wait_until_every_process_knows(registry: KeyRegistry, key: str, version: int) -> None:
+    created = registry.key_store.get(key, version).created_at
+    ready = created + timedelta(seconds=registry.active_ttl + 2)
+    wait = (ready - _now()).total_seconds()
+    if wait > 0:
+        log.info(
+            "waiting %.0f s (active_ttl) for every process to look up index key %r "
+            "version %d before reindexing",
+            wait,
+            key,
+            version,
+        )
+        time.sleep(wait)
 
 
 def _count(conn: Connection, t: sa.Table, where: sa.ColumnElement[bool]) -> int:

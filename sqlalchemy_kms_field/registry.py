@@ -111,7 +111,11 @@ class KeyRegistry:
         for stored in self.key_store.versions():
             if wanted is not None and stored.name not in wanted:
                 continue
-            if stored.state in (KeyState.ACTIVE, KeyState.READABLE):
+            if stored.state not in (KeyState.ACTIVE, KeyState.READABLE):
+                continue
+            if stored.kind == "index":
+                self.index_keys(stored.name)
+            else:
                 loaded.append(self.data_key(stored.name, stored.version))
         for name in {k.name for k in loaded}:
             self.active_key(name)

@@ -60,6 +60,10 @@ class _Comparator(TypeDecorator.Comparator[Any]):
         """None if the operation is fine as it is, a rewritten expression, or an error."""
         if op in _NULL_OPS or (op in _NULLABLE_EQ and len(other) == 1 and other[0] is None):
             return None
+        if op in _NULLABLE_EQ and len(other) == 1 and _same_column(self.expr, other[0]):
+            # SQLAlchemy itself compares a column with its annotated self (e.g. ORM
+            # update().values() looks columns up in dicts); that equality is identity.
+            return None
         rewritten = rewrite_comparison(self.expr, op, other)  # through a blind index, if any
         if rewritten is not None:
             return rewritten
@@ -87,6 +91,10 @@ def _refuse_ordering(conn: Any, clauseelement: Any, *args: Any) -> None:
                 f"cannot ORDER BY or GROUP BY encrypted column {_describe(element)}: values are "
                 "encrypted with random nonces, so their order and equality mean nothing"
             )
+
+
+def _same_column(expr: Any, other: Any) -> bool:
+    return isinstance(other, sa.ColumnElement) and hash(other) == hash(expr)
 
 
 def _describe(expr: Any) -> str:

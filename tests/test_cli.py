@@ -24,8 +24,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 import sqlalchemy_kms_field as kf
+from sqlalchemy_kms_field import registry as kf_registry
 from tests.helpers import assert_no_secret, raw_values, reset_global_registry, unwrapped_key
 from tests.kms_server import KmsServer
 
@@ -33,8 +35,10 @@ CLI = [sys.executable, "-m", "sqlalchemy_kms_field.cli"]
 
 MODELS = """\
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 import sqlalchemy_kms_field as kf
+from sqlalchemy_kms_field import registry as kf_registry
 
 metadata = sa.MetaData()
 users = sa.Table(
@@ -45,6 +49,29 @@ users = sa.Table(
 )
 """
 MODELS_SETTING = "cli_models:metadata"
+
+# An ORM model with a blind index, in a module of its own so that the tests above never see it.
+PEOPLE_MODELS = """\
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+import sqlalchemy_kms_field as kf
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Person(Base):
+    __tablename__ = "cli_people"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    email: Mapped[str | None] = mapped_column(kf.EncryptedString(320, key="pii"))
+    email_index: Mapped[str | None] = mapped_column(
+        kf.BlindIndex("email", key="email-index", normalizer="email"), unique=True
+    )
+"""
+PEOPLE_SETTING = "cli_people:Base"
+INDEX_KEY = "email-index"
 
 
 @dataclass
@@ -95,6 +122,7 @@ def work(tmp_path: Path) -> Path:
     path = tmp_path / "work"
     path.mkdir()
     (path / "cli_models.py").write_text(MODELS, encoding="utf-8")
+    (path / "cli_people.py").write_text(PEOPLE_MODELS, encoding="utf-8")
     return path
 
 
@@ -103,16 +131,26 @@ def cli(work: Path) -> Cli:
     return Cli(work, clean_environment())
 
 
-@pytest.fixture
-def models(work: Path) -> Iterator[ModuleType]:
-    """The same models module the command line imports, loaded in this process."""
-    spec = importlib.util.spec_from_file_location(
-        f"cli_models_{uuid.uuid4().hex}", work / "cli_models.py"
-    )
+def load_module(path: Path) -> ModuleType:
+    """A module the command line imports by name, loaded in this process under a name of its
+    own (each test gets fresh tables and classes)."""
+    spec = importlib.util.spec_from_file_location(f"{path.stem}_{uuid.uuid4().hex}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    yield module
+    return module
+
+
+@pytest.fixture
+def models(work: Path) -> Iterator[ModuleType]:
+    """The same models module the command line imports, loaded in this process."""
+    yield load_module(work / "cli_models.py")
+
+
+@pytest.fixture
+def people(work: Path) -> Iterator[ModuleType]:
+    """The ORM model with a blind index that the command line imports, loaded in this process."""
+    yield load_module(work / "cli_people.py")
 
 
 def configure_here(
@@ -134,6 +172,20 @@ def read_emails(engine: sa.Engine, table: sa.Table) -> dict[int, str | None]:
 
 def key_file_secret(path: Path) -> bytes:
     return base64.b64decode(path.read_text(encoding="ascii").strip())
+
+
+def unwrapped_index_key(registry: kf.KeyRegistry, name: str, version: int) -> bytes:
+    stored = registry.key_store.get(name, version)
+    context = kf_registry.key_context(name, version, "index")
+    return registry.master_key.unwrap(stored.wrapped_key, context, stored.master_key_id)
+
+
+def count_prefix(engine: sa.Engine, table: str, column: str, prefix: str) -> int:
+    """Rows of ``table.column`` whose stored value starts with ``prefix``, by SQL alone."""
+    quote = engine.dialect.identifier_preparer.quote
+    query = sa.text(f"SELECT count(*) FROM {quote(table)} WHERE {quote(column)} LIKE :p")
+    with engine.connect() as conn:
+        return int(conn.execute(query, {"p": prefix + "%"}).scalar_one())
 
 
 # Reading the tables the command prints -----------------------------------------------------
@@ -165,7 +217,11 @@ def table_rows(text: str, *required: str) -> list[dict[str, str]]:
     return rows
 
 
-def census_row(text: str, column: str) -> dict[str, str]:
+def census_row(text: str, column: str, title: str | None = None) -> dict[str, str]:
+    """The census of ``column`` in the first census table (or the one titled ``title``)."""
+    if title is not None:
+        assert title in text, text
+        text = text.split(title, 1)[1]
     rows = [r for r in table_rows(text, "column", "NULL", "other") if r["column"] == column]
     assert len(rows) == 1, text
     return rows[0]
@@ -363,6 +419,205 @@ def test_encrypt_column_and_back(
     assert "no encrypted column is known yet" in status
 
     cli.assert_never_printed([key_file_secret(key_file)], notes)
+
+
+# Blind-index keys ---------------------------------------------------------------------------
+
+
+def test_index_key_rotate_reindex_retire(
+    db_url: str,
+    engine: sa.Engine,
+    cli: Cli,
+    work: Path,
+    people: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key_file = work / "dev.key"
+    setup_database(cli, db_url, key_file)
+    cli.env["KMS_FIELD_MODELS"] = PEOPLE_SETTING
+    created = cli("keys", "create", INDEX_KEY, "--index").stdout
+    assert f"created index key '{INDEX_KEY}' version 1" in created
+    again = cli("keys", "create", INDEX_KEY, "--index", "--exist-ok").stdout
+    assert f"index key '{INDEX_KEY}' already exists" in again
+    clash = cli("keys", "create", INDEX_KEY, "--exist-ok", code=1).stderr  # as a data key
+    assert "existing index key" in clash
+    listed = table_rows(cli("keys", "list").stdout, "name", "version", "kind", "state")
+    assert [(r["name"], r["version"], r["kind"], r["state"]) for r in listed] == [
+        (INDEX_KEY, "1", "index", "active"), ("pii", "1", "data", "active"),
+    ]  # fmt: skip
+
+    registry = configure_here(engine, kf.LocalMasterKey.from_file(key_file), monkeypatch)
+    Person = people.Person
+    people.Base.metadata.create_all(engine)
+    first = {i: f"Person.{i}.{uuid.uuid4().hex[:6]}@Example.com" for i in range(1, 21)}
+    with Session(engine) as session:
+        session.add_all([Person(id=i, email=e) for i, e in first.items()])
+        session.add(Person(id=21, email=None))
+        session.commit()
+
+    rotated = cli("keys", "rotate", INDEX_KEY).stdout
+    assert f"index key '{INDEX_KEY}' version 2 is now active" in rotated
+    assert "next: kms-field reindex cli_people.email_index" in rotated
+    later = {i: f"Later.{i}.{uuid.uuid4().hex[:6]}@example.COM" for i in range(22, 26)}
+    with Session(engine) as session:  # this process sees v2 at once (active_ttl=0)
+        session.add_all([Person(id=i, email=e) for i, e in later.items()])
+        session.commit()
+    everyone = {**first, **later}
+
+    def found(email: str) -> list[int]:
+        with Session(engine) as session:
+            return list(session.scalars(sa.select(Person.id).where(Person.email == email)))
+
+    assert all(found(e.upper()) == [i] for i, e in everyone.items())  # v1 and v2 both match
+
+    status = cli("status").stdout
+    assert table_rows(status, "name", "kind")[0]["kind"] == "index"
+    title = f"index key '{INDEX_KEY}': rows per version"
+    row = census_row(status, "cli_people.email_index", title)
+    assert (row["v1 (readable)"], row["v2 (active)"], row["NULL"], row["other"]) == (
+        "20", "4", "1", "0",
+    )  # fmt: skip
+    assert (
+        "cli_people.email_index: 20 rows on older versions: kms-field reindex "
+        "cli_people.email_index" in status
+    )
+    row = census_row(status, "cli_people.email", "data key 'pii': rows per version")
+    assert (row["v1 (active)"], row["NULL"]) == ("24", "1")
+    [column] = [
+        c for c in json.loads(cli("status", "--json").stdout)["columns"] if c["key"] == INDEX_KEY
+    ]
+    assert (column["column"], column["kind"], column["by_version"]) == (
+        "cli_people.email_index", "index", {"1": 20, "2": 4},
+    )  # fmt: skip
+
+    refused = cli("keys", "retire", INDEX_KEY, "--version", "1", code=1).stderr
+    assert "still used" in refused and "cli_people.email_index: 20 rows" in refused
+    assert "kms-field reindex cli_people.email_index" in refused
+    assert len(refused.strip().splitlines()) == 1
+    wrong = cli("reencrypt", "cli_people.email_index", code=2).stderr
+    assert "kms-field reindex cli_people.email_index" in wrong
+    # Flags that disagree with the models would make lookups miss rows: refused.
+    flags = ["--source", "email", "--key", INDEX_KEY]
+    clash = cli("reindex", "cli_people.email_index", *flags, "--normalizer", "lower", code=2)
+    assert "normalizer='email'" in clash.stderr and "lookups would miss rows" in clash.stderr
+
+    dry = cli("reindex", "cli_people.email_index", "--dry-run").stdout
+    assert (
+        "dry run: 20 rows of cli_people.email_index would be reindexed under index key "
+        f"'{INDEX_KEY}' version 2; nothing was written" in dry
+    )
+    done = cli("reindex", "cli_people.email_index", "--batch-size", "7").stdout
+    assert re.search(r"reindex cli_people.email_index: 20/20 rows \(100%\)", done), done
+    assert "reindex cli_people.email_index: finished" in done and "rows written: 20" in done
+    assert count_prefix(engine, "cli_people", "email_index", f"kf1:{INDEX_KEY}:2:") == 24
+    assert count_prefix(engine, "cli_people", "email_index", f"kf1:{INDEX_KEY}:1:") == 0
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["unfinished_jobs"] == []
+    [column] = [c for c in status["columns"] if c["key"] == INDEX_KEY]
+    assert (column["by_version"], column["nulls"]) == ({"1": 0, "2": 24}, 1)
+
+    secrets = [key_file_secret(key_file), unwrapped_key(registry, "pii", 1)]
+    secrets += [unwrapped_index_key(registry, INDEX_KEY, v) for v in (1, 2)]
+    retired = cli("keys", "retire", INDEX_KEY, "--version", "1").stdout
+    assert f"retired index key '{INDEX_KEY}' version 1" in retired
+    row = census_row(retired, "cli_people.email_index")
+    assert (row["v1 (retired)"], row["v2 (active)"]) == ("0", "24")
+    registry.forget()
+    assert [k.version for k in registry.index_keys(INDEX_KEY)] == [2]  # v1 no longer matches
+    assert all(found(e.upper()) == [i] for i, e in everyone.items())
+    assert all(found(f" {e.lower()} ") == [i] for i, e in everyone.items())  # normalized
+    assert found("nobody@example.com") == []
+
+    cli.assert_never_printed(secrets, list(everyone.values()))
+
+
+def test_encrypt_column_with_its_index_and_reindex_from_flags(
+    db_url: str, engine: sa.Engine, cli: Cli, work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No models: the blind index comes from flags; an unfinished reindex blocks rotation."""
+    key_file = work / "dev.key"
+    setup_database(cli, db_url, key_file)
+    cli.env["KMS_FIELD_MODELS"] = ""
+    cli("keys", "create", INDEX_KEY, "--index")
+    registry = configure_here(engine, kf.LocalMasterKey.from_file(key_file), monkeypatch)
+    plain = sa.Table(
+        "cli_contacts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", sa.String(400)),
+        sa.Column("email_index", sa.String(100)),
+    )
+    plain.metadata.create_all(engine)
+    contacts = {i: f"Contact.{i}.{uuid.uuid4().hex[:6]}@Example.org" for i in range(1, 13)}
+    with engine.begin() as conn:
+        conn.execute(plain.insert(), [{"id": i, "email": e} for i, e in contacts.items()])
+        conn.execute(plain.insert().values(id=13, email=None))
+
+    encrypt = ["encrypt-column", "cli_contacts.email", "--key", "pii"]
+    usage = cli(*encrypt, "--index-key", INDEX_KEY, code=2).stderr
+    assert "--index-column" in usage
+    usage = cli(*encrypt, "--index-column", "email_index", code=2).stderr
+    assert "no blind index is declared for cli_contacts.email_index" in usage
+    assert "--index-key NAME --normalizer NAME" in usage
+    usage = cli(*encrypt, "--index-column", "email_index", "--index-key", INDEX_KEY,
+                "--normalizer", "email,shout", code=2).stderr  # fmt: skip
+    assert "unknown normalizer shout" in usage
+    index = ["--index-column", "email_index", "--index-key", INDEX_KEY, "--normalizer", "email"]
+    done = cli(*encrypt, *index, "--batch-size", "5").stdout
+    assert f"blind index email_index computed under index key '{INDEX_KEY}' version 1" in done
+    assert "encrypt cli_contacts.email: finished" in done and "rows written: 12" in done
+    assert count_prefix(engine, "cli_contacts", "email", "kf1:pii:1:") == 12
+    assert count_prefix(engine, "cli_contacts", "email_index", f"kf1:{INDEX_KEY}:1:") == 12
+
+    encrypted = sa.Table(
+        "cli_contacts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", kf.EncryptedString(400, key="pii")),
+        sa.Column("email_index", kf.BlindIndex("email", key=INDEX_KEY, normalizer="email")),
+    )
+
+    def found(email: str) -> list[int]:
+        query = sa.select(encrypted.c.id).where(encrypted.c.email == email)
+        with engine.connect() as conn:
+            return list(conn.scalars(query))
+
+    assert all(found(e.upper()) == [i] for i, e in contacts.items())
+    # The job recorded both columns, under their keys: status knows them without models.
+    status = cli("status").stdout
+    row = census_row(status, "cli_contacts.email_index", f"index key '{INDEX_KEY}'")
+    assert (row["v1 (active)"], row["NULL"]) == ("12", "1")
+    row = census_row(status, "cli_contacts.email", "data key 'pii'")
+    assert (row["v1 (active)"], row["NULL"]) == ("12", "1")
+
+    # A row whose source cannot be decrypted stops the reindex half way: an unfinished job.
+    with engine.begin() as conn:
+        raw = sa.table("cli_contacts", sa.column("id"), sa.column("email"))
+        conn.execute(raw.insert().values(id=100, email="kf1:pii:1:" + "A" * 60))
+    cli("keys", "rotate", INDEX_KEY)
+    flags = ["--source", "email", "--key", INDEX_KEY, "--normalizer", "email"]
+    reindex = ["reindex", "cli_contacts.email_index", *flags]
+    failed = cli(*reindex, "--batch-size", "5", code=1).stderr
+    assert "primary key 100" in failed and "rerun" in failed
+    jobs = table_rows(cli("status").stdout, "column", "operation", "target version", "rows done")
+    shown = [(j["column"], j["operation"], j["key"], j["target version"], j["rows done"])
+             for j in jobs]  # fmt: skip
+    assert shown == [("cli_contacts.email_index", "reindex", INDEX_KEY, "2", "10")]
+    refused = cli("keys", "rotate", INDEX_KEY, code=1).stderr
+    assert "unfinished" in refused and "reindex of cli_contacts.email_index" in refused
+    assert "kms-field reindex TABLE.COLUMN" in refused and "--force" in refused
+
+    with engine.begin() as conn:
+        conn.execute(raw.delete().where(raw.c.id == 100))
+    done = cli(*reindex).stdout  # resumes after the last committed batch
+    assert "reindex cli_contacts.email_index: finished" in done and "rows written: 2" in done
+    assert count_prefix(engine, "cli_contacts", "email_index", f"kf1:{INDEX_KEY}:2:") == 12
+    assert "version 3 is now active" in cli("keys", "rotate", INDEX_KEY).stdout
+    assert all(found(e.lower()) == [i] for i, e in contacts.items())
+
+    secrets = [key_file_secret(key_file), unwrapped_key(registry, "pii", 1)]
+    secrets += [unwrapped_index_key(registry, INDEX_KEY, v) for v in (1, 2, 3)]
+    cli.assert_never_printed(secrets, list(contacts.values()))
 
 
 # AWS KMS ------------------------------------------------------------------------------------

@@ -1,0 +1,225 @@
+"""``kms-field keys``: list, create, rotate, rewrap, retire and destroy data and index keys.
+
+A name is either a data key (it encrypts values) or a blind-index key (the HMAC key of blind
+indexes), as the key store records; each command finds out which and words itself, its guards
+and its next steps (``reencrypt`` or ``reindex``) accordingly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .. import lifecycle, reencrypt
+from ..envelope import DataKey, IndexKey
+from ..key_store import KeyState
+from ..registry import KeyRegistry
+from .app import App, key_kind
+from .config import ENV, FLAGS, PROG
+from .errors import Refused, UsageError
+from .output import add_row, census_table, job_column, key_json, keys_table, new_table, when
+
+# What moves a column's rows to the active version of a key of each kind.
+JOB_COMMAND = {"data": "reencrypt", "index": "reindex"}
+
+
+def article(kind: str) -> str:
+    return "an" if kind == "index" else "a"
+
+
+def cmd_keys_list(app: App, args: argparse.Namespace) -> int:
+    stored = app.key_store().versions()
+    if args.json:
+        print(json.dumps([key_json(k) for k in stored], indent=2))
+        return 0
+    if not stored:
+        app.say(f"no data keys yet; create one with `{PROG} keys create NAME`")
+        return 0
+    app.console.print(keys_table(None, stored))
+    return 0
+
+
+def cmd_keys_create(app: App, args: argparse.Namespace) -> int:
+    registry = app.registry(master=True)
+    kind = "index" if args.index else "data"
+    existing = key_kind(registry, args.name)
+    if args.exist_ok and existing is not None:
+        if existing != kind:
+            raise Refused(
+                f"{args.name!r} is the name of an existing {existing} key, not of "
+                f"{article(kind)} {kind} key; choose another name"
+            )
+        app.say(f"{kind} key {args.name!r} already exists; nothing to do")
+        return 0
+    key: DataKey | IndexKey = (
+        registry.create_index_key(args.name)
+        if kind == "index"
+        else registry.create_data_key(args.name)
+    )
+    stored = registry.key_store.get(key.name, key.version)
+    app.say(
+        f"created {kind} key {key.name!r} version {key.version}: wrapped by "
+        f"{stored.master_key_id}, stored, verified and active"
+    )
+    return 0
+
+
+def cmd_keys_rotate(app: App, args: argparse.Namespace) -> int:
+    registry = app.registry(master=True)
+    name = args.name
+    kind = key_kind(registry, name)
+    if kind is None:
+        raise Refused(
+            f"no key named {name!r} in the key store; create it with `{PROG} keys create "
+            f"{name}` (with --index for a blind-index key)"
+        )
+    job = JOB_COMMAND[kind]
+    _refuse_while_moving(registry, name, kind, force=args.force)
+    if kind == "index":
+        version = registry.rotate_index_key(name).version
+        still = "lookups match every live version until the reindex is done"
+    else:
+        version = registry.rotate_data_key(name).version
+        still = "older versions stay readable"
+    stored = registry.key_store.get(name, version)
+    app.say(
+        f"{kind} key {name!r} version {version} is now active (wrapped by "
+        f"{stored.master_key_id}); {still}. Applications switch to it "
+        "within their active_ttl (60 s by default)."
+    )
+    columns = [ref for ref in app.known_columns(registry) if ref.key == name]
+    for ref in columns:
+        app.say(f"  next: {PROG} {job} {ref}")
+    if not columns:
+        app.say(f"  next: {PROG} {job} TABLE.COLUMN for every column under {name!r}")
+    return 0
+
+
+def _refuse_while_moving(registry: KeyRegistry, name: str, kind: str, *, force: bool) -> None:
+    """Refuse a rotation while a job still moves rows to the active version (unless forced).
+
+    Rotating then would leave that job's target behind: a rerun after a crash would have to
+    start over toward the new version instead of resuming.
+    """
+    active = registry.key_store.active_version(name)
+    blocking = [
+        job
+        for job in reencrypt.unfinished_jobs(registry.key_store.engine, key=name)
+        if active is not None
+        and job.target_version == active
+        and (job.operation == "reindex") == (kind == "index")
+    ]
+    if not blocking or force:
+        return
+    detail = "; ".join(
+        f"{job.operation} of {job_column(job)} ({job.rows_done:,} rows done, last progress "
+        f"{when(job.updated_at)})"
+        for job in blocking
+    )
+    raise Refused(
+        f"refusing to rotate {name!r}: unfinished jobs move rows to its active version "
+        f"{active}: {detail}. Finish them first (`{PROG} {JOB_COMMAND[kind]} TABLE.COLUMN`), "
+        "or pass --force (they then start over toward the new version)"
+    )
+
+
+def cmd_keys_rewrap(app: App, args: argparse.Namespace) -> int:
+    registry = app.registry(master=True)
+    names = args.names or None
+    stored = registry.key_store.versions()
+    for name in names or []:
+        if not any(k.name == name for k in stored):
+            raise Refused(f"no key named {name!r} in the key store")
+    for k in stored:
+        if names is not None and k.name not in names:
+            continue
+        if k.state not in (KeyState.ACTIVE, KeyState.READABLE, KeyState.RETIRED):
+            continue
+        masters = (registry.master_key, *registry.previous_master_keys)
+        if not any(m.can_unwrap(k.master_key_id) for m in masters):
+            raise UsageError(
+                f"{k.kind} key {k.name!r} version {k.version} is wrapped by {k.master_key_id}, "
+                f"which is not the master key: add the master key that wrapped it to "
+                f"{ENV['previous_master_keys']} (or pass {FLAGS['previous_master_keys']})"
+            )
+    done = lifecycle.rewrap_data_keys(names, registry=registry)
+    if not done:
+        app.say("no data key to rewrap")
+        return 0
+    table = new_table(None, "name", "version", "from master key", "to master key")
+    for r in done:
+        add_row(table, r.name, r.version, r.old_master_key_id, r.new_master_key_id)
+    app.console.print(table)
+    kinds = {k.kind for k in stored if k.name in {r.name for r in done}}
+    what = "data key" if kinds == {"data"} else "key"
+    noun = "version" if len(done) == 1 else "versions"
+    app.say(f"{len(done)} {what} {noun} rewrapped, each verified; no data row changed")
+    return 0
+
+
+def cmd_keys_retire(app: App, args: argparse.Namespace) -> int:
+    registry = app.registry(master=False)
+    before = registry.key_store.get(args.name, args.version)
+    if before.kind == "index" and before.state is not KeyState.RETIRED:
+        _refuse_index_in_use(app, registry, args.name, args.version)
+    counts = lifecycle.retire_data_key(
+        args.name,
+        args.version,
+        metadata=app.metadata(),
+        columns=app.index_columns(),
+        registry=registry,
+    )
+    if before.state is KeyState.RETIRED:
+        app.say(f"{before.kind} key {args.name!r} version {args.version} was already retired")
+        return 0
+    app.console.print(census_table(args.name, registry.key_store.versions(args.name), counts))
+    app.say(
+        f"retired {before.kind} key {args.name!r} version {args.version}: no known column holds "
+        f"a row on it, and it no longer {_works(before.kind)}. `{PROG} keys destroy {args.name} "
+        f"--version {args.version} --yes-destroy` erases it for good."
+    )
+    return 0
+
+
+def _works(kind: str) -> str:
+    return "matches in lookups" if kind == "index" else "decrypts"
+
+
+def _refuse_index_in_use(app: App, registry: KeyRegistry, name: str, version: int) -> None:
+    """The census rule of retire_data_key, worded for an index key (reindex, not re-encrypt)."""
+    if registry.key_store.active_version(name) == version:
+        raise Refused(
+            f"index key {name!r} version {version} is the active version; rotate it "
+            f"(`{PROG} keys rotate {name}`) and reindex every column first"
+        )
+    refs = [ref for ref in app.known_columns(registry) if ref.key == name]
+    if not refs:
+        raise Refused(
+            f"no column is known to use index key {name!r}, so nothing proves version {version} "
+            f"unused: set {ENV['models']} to the models that declare its blind-index columns, "
+            f"or run `{PROG} reindex TABLE.COLUMN` first"
+        )
+    counts = lifecycle.column_census(refs, registry=registry)
+    still = [(c.column, c.by_version[version]) for c in counts if c.by_version.get(version)]
+    if still:
+        detail = ", ".join(f"{ref}: {n:,} rows" for ref, n in still)
+        raise Refused(
+            f"index key {name!r} version {version} is still used ({detail}); reindex these "
+            f"columns before retiring it ({'; '.join(f'{PROG} reindex {r}' for r, _ in still)})"
+        )
+
+
+def cmd_keys_destroy(app: App, args: argparse.Namespace) -> int:
+    registry = app.registry(master=False)
+    kind = registry.key_store.get(args.name, args.version).kind
+    lifecycle.destroy_data_key(args.name, args.version, confirm=args.yes_destroy, registry=registry)
+    lost = (
+        "no index value computed under it can ever be matched again"
+        if kind == "index"
+        else "any value ever written under it can never be decrypted again"
+    )
+    app.say(
+        f"destroyed {kind} key {args.name!r} version {args.version}: its wrapped key is erased "
+        f"and {lost}"
+    )
+    return 0

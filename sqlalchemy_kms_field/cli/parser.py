@@ -1,0 +1,293 @@
+"""The command line's grammar: every command, its arguments and its help text."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .app import App
+from .bootstrap import cmd_config, cmd_init_local, cmd_setup
+from .config import CONFIG_FILE, ENV, MASTER_KEY_SYNTAX, PROG
+from .jobs import cmd_job, cmd_reindex
+from .keys import (
+    cmd_keys_create,
+    cmd_keys_destroy,
+    cmd_keys_list,
+    cmd_keys_retire,
+    cmd_keys_rewrap,
+    cmd_keys_rotate,
+)
+from .status import cmd_status
+
+Handler = Callable[[App, argparse.Namespace], int]
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be more than 0")
+    return value
+
+
+def _common_options() -> argparse.ArgumentParser:
+    # SUPPRESS defaults let these appear before or after the command without clobbering.
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("configuration (see the end of --help)")
+    s = argparse.SUPPRESS
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        default=s,
+        help=f"config file (default ./{CONFIG_FILE}, else ./pyproject.toml)",
+    )
+    group.add_argument(
+        "--database-url",
+        metavar="URL",
+        default=s,
+        help=f"SQLAlchemy database URL (overrides {ENV['database_url']})",
+    )
+    group.add_argument(
+        "--master-key",
+        metavar="SPEC",
+        default=s,
+        help=f"master key: {MASTER_KEY_SYNTAX} (overrides {ENV['master_key']})",
+    )
+    group.add_argument(
+        "--previous-master-key",
+        metavar="SPEC",
+        action="append",
+        dest="previous_master_keys",
+        default=s,
+        help=f"a previous master key, repeatable (overrides {ENV['previous_master_keys']})",
+    )
+    group.add_argument(
+        "--models",
+        metavar="MODULE:ATTR",
+        default=s,
+        help=f"MetaData or declarative Base (overrides {ENV['models']})",
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=s, help="log what the library does (INFO)"
+    )
+    return common
+
+
+def build_parser(manual: str) -> argparse.ArgumentParser:
+    """The parser; ``manual`` (the package docstring) gives --help its first line and epilog."""
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=manual.splitlines()[0],
+        epilog=manual.split("\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    keys_commands: Any = None
+
+    def add(
+        group: Any, name: str, handler: Handler, help: str, aliases: Sequence[str] = ()
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(
+            name, help=help, description=help, parents=[common], aliases=list(aliases)
+        )
+        prefix = "keys " if group is keys_commands else ""
+        p.set_defaults(handler=handler, label=f"{PROG} {prefix}{name}")
+        return p
+
+    def init_local(group: Any) -> None:
+        p = add(
+            group,
+            "init-local",
+            cmd_init_local,
+            "write a new local master key file (development only, NOT FOR PRODUCTION)",
+        )
+        p.add_argument("path", metavar="PATH", help="the key file to create (never overwritten)")
+
+    init_local(commands)
+    add(commands, "config", cmd_config, "show the settings in use and where each came from")
+    add(
+        commands,
+        "setup",
+        cmd_setup,
+        "create the key store, known-columns and jobs tables",
+        aliases=["create-tables"],
+    )
+    p = add(
+        commands,
+        "status",
+        cmd_status,
+        "rows per key version in each known encrypted or blind-index column, key states, "
+        "unfinished jobs",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    keys = commands.add_parser(
+        "keys",
+        help="data and blind-index keys: list, create, rotate, rewrap, retire, destroy",
+        parents=[common],
+    )
+    keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
+    _add_keys_commands(add, keys_commands)
+    init_local(keys_commands)  # also `keys init-local`, as the library's messages say
+
+    jobs = [
+        ("reencrypt", "reencrypt", "move every row of TABLE.COLUMN to the active key version"),
+        ("encrypt-column", "encrypt", "encrypt a plaintext column in place"),
+        ("decrypt-column", "decrypt", "decrypt an encrypted column back to plaintext in place"),
+    ]
+    for name, operation, help in jobs:
+        p = add(commands, name, cmd_job, help)
+        p.set_defaults(operation=operation)
+        p.add_argument("column", metavar="TABLE.COLUMN")
+        p.add_argument(
+            "--key",
+            metavar="NAME",
+            required=operation != "reencrypt",
+            help="data key name"
+            + (" (default: the one known for the column)" if operation == "reencrypt" else ""),
+        )
+        _add_job_options(p)
+        if operation == "encrypt":
+            _add_companion_index_options(p)
+
+    p = add(
+        commands,
+        "reindex",
+        cmd_reindex,
+        "recompute the blind-index column TABLE.COLUMN under the active index key version",
+    )
+    p.add_argument("column", metavar="TABLE.COLUMN")
+    group = p.add_argument_group(
+        "the blind index (default: as the models declare TABLE.COLUMN; given both, they must agree)"
+    )
+    group.add_argument("--source", metavar="COLUMN", help="the encrypted column it indexes")
+    group.add_argument("--key", metavar="NAME", help="index key name")
+    _add_index_options(group)
+    _add_job_options(p)
+    return parser
+
+
+def _add_keys_commands(add: Callable[..., argparse.ArgumentParser], keys_commands: Any) -> None:
+    p = add(
+        keys_commands,
+        "list",
+        cmd_keys_list,
+        "every key version (data and index keys) and its state",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p = add(
+        keys_commands,
+        "create",
+        cmd_keys_create,
+        "create version 1 of a data key (or, with --index, of a blind-index key)",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--exist-ok", action="store_true", help="do nothing if NAME already exists")
+    p.add_argument(
+        "--index",
+        action="store_true",
+        help="create a blind-index key (the HMAC key of BlindIndex columns), not a data key",
+    )
+    p = add(
+        keys_commands,
+        "rotate",
+        cmd_keys_rotate,
+        "add and activate a new version of a data or index key; older versions stay readable",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rotate even while a job still moves rows to the active version",
+    )
+    p = add(
+        keys_commands,
+        "rewrap",
+        cmd_keys_rewrap,
+        "rewrap data keys under the master key (master key rotation; no row changes)",
+    )
+    p.add_argument("names", metavar="NAME", nargs="*", help="only these data keys (default: all)")
+    p = add(
+        keys_commands,
+        "retire",
+        cmd_keys_retire,
+        "stop a version from decrypting (an index key: from matching), once a census proves no "
+        "known column uses it",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--version", type=_positive_int, required=True, metavar="N")
+    p = add(
+        keys_commands,
+        "destroy",
+        cmd_keys_destroy,
+        "erase a retired version's wrapped key for good (crypto-shredding)",
+    )
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--version", type=_positive_int, required=True, metavar="N")
+    p.add_argument(
+        "--yes-destroy",
+        action="store_true",
+        help="confirm: values under this version become unreadable forever",
+    )
+
+
+def _add_job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--schema", metavar="S", help="schema of the table")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=2000,
+        metavar="N",
+        help="rows per transaction (default 2000)",
+    )
+    p.add_argument(
+        "--rate",
+        type=_positive_float,
+        metavar="ROWS_PER_S",
+        help="at most this many rows per second",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only count the rows that would change")
+    p.add_argument(
+        "--skip-undecryptable",
+        action="store_true",
+        help="skip rows that fail to decrypt (listed at the end) instead of stopping",
+    )
+
+
+def _add_companion_index_options(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "a blind index filled in the same pass (declared by the models, or by these flags)"
+    )
+    group.add_argument(
+        "--index-column",
+        metavar="COLUMN",
+        help="the blind-index column of TABLE over COLUMN, to compute with each encrypted value",
+    )
+    group.add_argument("--index-key", metavar="NAME", help="its index key name")
+    _add_index_options(group)
+
+
+def _add_index_options(group: Any) -> None:
+    group.add_argument(
+        "--normalizer",
+        metavar="NAME",
+        help="exact, strip, lower, casefold, nfkc or email; several: comma-separated, in order",
+    )
+    group.add_argument(
+        "--bits",
+        type=int,
+        metavar="N",
+        help="index size in bits: a multiple of 8 from 16 to 256 (default 256)",
+    )

@@ -1,0 +1,138 @@
+"""``kms-field status``: key states, rows per key version in each known column, unfinished jobs.
+
+Known columns are those recorded by jobs (encrypted columns under their data key, blind-index
+columns under their index key) and those the models declare. Rows are counted by SQL on the
+header prefix of the stored values: nothing is decrypted, and no master key is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from .. import lifecycle, reencrypt
+from ..census import Census, ColumnRef
+from ..exc import KmsFieldError
+from ..key_store import StoredKey
+from .app import App
+from .config import ENV, PROG
+from .keys import JOB_COMMAND
+from .output import add_row, census_table, job_column, key_json, keys_table, new_table, when
+
+
+def cmd_status(app: App, args: argparse.Namespace) -> int:
+    registry = app.registry(master=False)
+    stored = registry.key_store.versions()
+    kinds = {k.name: k.kind for k in stored}
+    refs = app.known_columns(registry)
+    counts: list[Census] = []
+    problems: list[tuple[ColumnRef, str]] = []
+    for ref in refs:
+        try:
+            counts += lifecycle.column_census([ref], registry=registry)
+        except KmsFieldError as exc:  # a dropped table must not hide the other columns
+            problems.append((ref, str(exc)))
+    jobs = reencrypt.unfinished_jobs(registry.key_store.engine)
+    if args.json:
+        print(json.dumps(_status_json(stored, kinds, counts, problems, jobs), indent=2))
+        return 0
+
+    title = "data keys" if set(kinds.values()) <= {"data"} else "keys"
+    app.console.print(keys_table(title, stored) if stored else "no data keys yet")
+    app.say()
+    if not refs:
+        app.say(
+            "no encrypted column is known yet: set "
+            f"{ENV['models']} to your models, or run a reencrypt/encrypt-column job"
+        )
+    for key in sorted({c.column.key for c in counts}):
+        app.console.print(census_table(key, stored, [c for c in counts if c.column.key == key]))
+        active = registry.key_store.active_version(key)
+        job = JOB_COMMAND.get(kinds.get(key, "data"), "reencrypt")
+        for c in counts:
+            behind = c.on_other_versions(active) - c.other if active else 0
+            if c.column.key == key and behind:
+                app.say(f"  {c.column}: {behind:,} rows on older versions: {PROG} {job} {c.column}")
+        app.say()
+    for ref, problem in problems:
+        app.say(f"{ref}: cannot count: {problem}", style="yellow")
+    if any(c.other for c in counts):
+        app.say(
+            "other: rows neither NULL nor on a version of the column's key (plaintext, or "
+            "values of another key)"
+        )
+    if jobs:
+        _print_jobs(app, jobs)
+    else:
+        app.say("no unfinished jobs")
+    return 0
+
+
+def _print_jobs(app: App, jobs: Sequence[Any]) -> None:
+    table = new_table(
+        "unfinished jobs",
+        "column",
+        "operation",
+        "key",
+        "target version",
+        "rows done",
+        "rows skipped",
+        "updated_at",
+    )
+    for job in jobs:
+        add_row(
+            table,
+            job_column(job),
+            job.operation,
+            job.key_name,
+            job.target_version or "-",
+            f"{job.rows_done:,}",
+            f"{job.rows_skipped:,}",
+            when(job.updated_at),
+        )
+    app.console.print(table)
+    app.say(
+        f"rerun `{PROG} reencrypt` (or encrypt-/decrypt-column, or reindex) on these to finish them"
+    )
+
+
+def _status_json(
+    stored: Sequence[StoredKey],
+    kinds: dict[str, str],
+    counts: Sequence[Census],
+    problems: Sequence[tuple[ColumnRef, str]],
+    jobs: Sequence[Any],
+) -> dict[str, object]:
+    return {
+        "keys": [key_json(k) for k in stored],
+        "columns": [
+            {
+                "column": str(c.column),
+                "schema": c.column.schema,
+                "table": c.column.table,
+                "name": c.column.column,
+                "key": c.column.key,
+                "kind": kinds.get(c.column.key),
+                "by_version": {str(v): n for v, n in sorted(c.by_version.items())},
+                "nulls": c.nulls,
+                "other": c.other,
+                "total": c.total,
+            }
+            for c in counts
+        ],
+        "problems": [{"column": str(ref), "error": text} for ref, text in problems],
+        "unfinished_jobs": [
+            {
+                "column": job_column(job),
+                "operation": job.operation,
+                "key": job.key_name,
+                "target_version": job.target_version,
+                "rows_done": job.rows_done,
+                "rows_skipped": job.rows_skipped,
+                "updated_at": when(job.updated_at),
+            }
+            for job in jobs
+        ],
+    }

@@ -86,49 +86,81 @@ def _create_key_store(operations: Operations, operation: CreateKeyStoreOp) -> No
     census.create_tables(bind)
 
 
-@Operations.register_operation("create_data_key")
-class CreateDataKeyOp(MigrateOperation):
-    """Create version 1 of a data key (nothing happens if the key already exists)."""
+class _KeyOp(MigrateOperation):
+    """Create or rotate a data key or a blind-index key, in its own committed transaction."""
+
+    kind: str  # "data" or "index"
+    action: str  # "create" or "rotate"
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+
+def _run_key_op(operations: Operations, op: _KeyOp) -> None:
+    _online(operations, f"{op.action}_{op.kind}_key")
+    registry = get_registry()
+    with operations.get_context().autocommit_block():
+        if op.action == "create":
+            create = registry.create_data_key if op.kind == "data" else registry.create_index_key
+            create(op.name, exist_ok=True)
+            return
+        # A rerun after a killed re-encryption or reindex resumes it instead of rotating again.
+        if _resuming(operations, op.name, "reencrypt" if op.kind == "data" else "reindex"):
+            return
+        rotate = registry.rotate_data_key if op.kind == "data" else registry.rotate_index_key
+        rotate(op.name)
+
+
+@Operations.register_operation("create_data_key")
+class CreateDataKeyOp(_KeyOp):
+    """Create version 1 of a data key (nothing happens if the key already exists)."""
+
+    kind, action = "data", "create"
 
     @classmethod
     def create_data_key(cls, operations: Operations, name: str) -> Any:
         return operations.invoke(cls(name))
 
 
-@Operations.implementation_for(CreateDataKeyOp)
-def _create_data_key(operations: Operations, operation: CreateDataKeyOp) -> None:
-    _online(operations, "create_data_key")
-    with operations.get_context().autocommit_block():
-        get_registry().create_data_key(operation.name, exist_ok=True)
-
-
 @Operations.register_operation("rotate_data_key")
-class RotateDataKeyOp(MigrateOperation):
+class RotateDataKeyOp(_KeyOp):
     """Make a new data key version active, unless a re-encryption to the active one is unfinished.
 
     The exception makes a rerun after a killed ``reencrypt_column`` resume that job instead of
     rotating once more.
     """
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    kind, action = "data", "rotate"
 
     @classmethod
     def rotate_data_key(cls, operations: Operations, name: str) -> Any:
         return operations.invoke(cls(name))
 
 
-@Operations.implementation_for(RotateDataKeyOp)
-def _rotate_data_key(operations: Operations, operation: RotateDataKeyOp) -> None:
-    _online(operations, "rotate_data_key")
-    registry = get_registry()
-    with operations.get_context().autocommit_block():
-        if _resuming(operations, operation.name, "reencrypt"):
-            return
-        registry.rotate_data_key(operation.name)
+@Operations.register_operation("create_index_key")
+class CreateIndexKeyOp(_KeyOp):
+    """Create version 1 of a blind-index key (nothing happens if it already exists)."""
+
+    kind, action = "index", "create"
+
+    @classmethod
+    def create_index_key(cls, operations: Operations, name: str) -> Any:
+        return operations.invoke(cls(name))
+
+
+@Operations.register_operation("rotate_index_key")
+class RotateIndexKeyOp(_KeyOp):
+    """A new index-key version, unless a reindex to the active one is unfinished."""
+
+    kind, action = "index", "rotate"
+
+    @classmethod
+    def rotate_index_key(cls, operations: Operations, name: str) -> Any:
+        return operations.invoke(cls(name))
+
+
+for _key_op in (CreateDataKeyOp, RotateDataKeyOp, CreateIndexKeyOp, RotateIndexKeyOp):
+    Operations.implementation_for(_key_op)(_run_key_op)
 
 
 def _resuming(operations: Operations, name: str, job: str) -> bool:
@@ -263,47 +295,6 @@ class ReindexColumnOp(_ColumnJobOp):
 
 
 Operations.implementation_for(ReindexColumnOp)(_run_column_job)
-
-
-@Operations.register_operation("create_index_key")
-class CreateIndexKeyOp(MigrateOperation):
-    """Create version 1 of a blind-index key (nothing happens if it already exists)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @classmethod
-    def create_index_key(cls, operations: Operations, name: str) -> Any:
-        return operations.invoke(cls(name))
-
-
-@Operations.implementation_for(CreateIndexKeyOp)
-def _create_index_key(operations: Operations, operation: CreateIndexKeyOp) -> None:
-    _online(operations, "create_index_key")
-    with operations.get_context().autocommit_block():
-        get_registry().create_index_key(operation.name, exist_ok=True)
-
-
-@Operations.register_operation("rotate_index_key")
-class RotateIndexKeyOp(MigrateOperation):
-    """A new index-key version, unless a reindex to the active one is unfinished."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @classmethod
-    def rotate_index_key(cls, operations: Operations, name: str) -> Any:
-        return operations.invoke(cls(name))
-
-
-@Operations.implementation_for(RotateIndexKeyOp)
-def _rotate_index_key(operations: Operations, operation: RotateIndexKeyOp) -> None:
-    _online(operations, "rotate_index_key")
-    registry = get_registry()
-    with operations.get_context().autocommit_block():
-        if _resuming(operations, operation.name, "reindex"):
-            return
-        registry.rotate_index_key(operation.name)
 
 
 @Operations.register_operation("rewrap_data_keys")

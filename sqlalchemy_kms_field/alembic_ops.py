@@ -25,9 +25,12 @@ the library's own tables, which hold the wrapped keys).
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
 from typing import Any, Literal
 
+import sqlalchemy as sa
 from alembic.operations import MigrateOperation, Operations
 
 from . import census
@@ -104,11 +107,69 @@ def _run_key_op(operations: Operations, op: _KeyOp) -> None:
             create = registry.create_data_key if op.kind == "data" else registry.create_index_key
             create(op.name, exist_ok=True)
             return
-        # A rerun after a killed re-encryption or reindex resumes it instead of rotating again.
-        if _resuming(operations, op.name, "reencrypt" if op.kind == "data" else "reindex"):
+        # A rerun of this migration after a kill resumes instead of rotating again: the
+        # rotation is recorded with the revision the database was at when it happened.
+        if _rotated_here(operations, op.name) or _resuming(
+            operations, op.name, "reencrypt" if op.kind == "data" else "reindex"
+        ):
             return
         rotate = registry.rotate_data_key if op.kind == "data" else registry.rotate_index_key
-        rotate(op.name)
+        _record_rotation(operations, op.name, rotate(op.name).version)
+
+
+_ROTATIONS = "(alembic rotations)"  # table_name of rotation records in kms_field_jobs
+
+
+def _rotation_record(name: str) -> list[Any]:
+    j = census.jobs_table.c
+    return [
+        j.table_schema == "",
+        j.table_name == _ROTATIONS,
+        j.column_name == name,
+        j.operation == "rotate",
+    ]
+
+
+def _heads(operations: Operations) -> str:
+    return json.dumps(sorted(operations.get_context().get_current_heads()))
+
+
+def _rotated_here(operations: Operations, name: str) -> bool:
+    """True if this key was rotated while the database was at the current revision."""
+    engine = operations.get_bind().engine
+    census.create_tables(engine)
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.select(census.jobs_table).where(*_rotation_record(name))
+        ).one_or_none()
+    active = get_registry().key_store.active_version(name)
+    return row is not None and row.last_key == _heads(operations) and row.target_version == active
+
+
+def _record_rotation(operations: Operations, name: str, version: int) -> None:
+    now = datetime.now(UTC).replace(tzinfo=None)
+    values = {
+        "key_name": name,
+        "target_version": version,
+        "last_key": _heads(operations),
+        "rows_done": 0,
+        "rows_skipped": 0,
+        "started_at": now,
+        "updated_at": now,
+        "finished_at": now,
+    }
+    with operations.get_bind().engine.begin() as conn:
+        t = census.jobs_table
+        if not conn.execute(sa.update(t).where(*_rotation_record(name)).values(values)).rowcount:
+            conn.execute(
+                sa.insert(t).values(
+                    table_schema="",
+                    table_name=_ROTATIONS,
+                    column_name=name,
+                    operation="rotate",
+                    **values,
+                )
+            )
 
 
 @Operations.register_operation("create_data_key")

@@ -200,9 +200,11 @@ def run_job(
     ``operation="encrypt"`` with ``index`` and ``index_column`` fills that blind-index column
     in the same UPDATE as the ciphertext.
 
-    A reindex first waits until ``active_ttl`` (plus a margin) has passed since the target
-    index-key version was created (``wait_for_processes``): a process that has not re-read the
-    live versions yet would not find a row whose index already moved to the new version.
+    ``wait_for_processes``: a reindex first waits until ``active_ttl`` (plus a margin) has
+    passed since the target index-key version was created, since a process that has not
+    re-read the live versions yet would not find a row whose index already moved; and a
+    re-encryption does not declare itself finished before that moment, since such a process may
+    still write under the old version.
 
     ``settle_timeout`` bounds how long the job keeps sweeping rows that other processes are
     still writing under an older version (default: twice the registry's ``active_ttl`` plus
@@ -269,7 +271,7 @@ def run_job(
         return result
 
     if operation == "reindex" and wait_for_processes:
-        _wait_until_every_process_knows(registry, key, target_index.version)
+        _wait_until_every_process_knows(registry, key, target_index.version, "lookups")
     last = _start(engine, ref, operation, result.target_version)
     if companion is not None and index is not None:
         with engine.begin() as conn:
@@ -299,6 +301,12 @@ def run_job(
             left = _count(conn, t, pending) - len(result.skipped)
         result.remaining = max(left, 0)
         if left <= 0:
+            # A clean census proves nothing while a process may still write under the old
+            # version (for up to active_ttl after the rotation): wait that out, then count again.
+            if operation == "reencrypt" and target is not None and wait_for_processes:
+                if _wait_until_every_process_knows(registry, key, target.version, "writes"):
+                    last = None
+                    continue
             break
         # Rows written meanwhile under an old version (or conflicts): sweep again, bounded.
         now = time.monotonic()
@@ -580,19 +588,28 @@ def _unsized_type(typ: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
     return typ
 
 
-def _wait_until_every_process_knows(registry: KeyRegistry, key: str, version: int) -> None:
+def _wait_until_every_process_knows(
+    registry: KeyRegistry, key: str, version: int, what: str
+) -> bool:
+    """Sleep until every process has re-read the active versions since ``version`` was made.
+
+    Processes re-read them every ``active_ttl`` seconds, so that is active_ttl (plus a margin)
+    after the version's creation. True if it had to wait.
+    """
     created = registry.key_store.get(key, version).created_at
     ready = created + timedelta(seconds=registry.active_ttl + 2)
     wait = (ready - _now()).total_seconds()
-    if wait > 0:
-        log.info(
-            "waiting %.0f s (active_ttl) for every process to look up index key %r "
-            "version %d before reindexing",
-            wait,
-            key,
-            version,
-        )
-        time.sleep(wait)
+    if wait <= 0:
+        return False
+    log.info(
+        "waiting %.0f s (active_ttl) until every process %s with key %r version %d",
+        wait,
+        "does its " + what,
+        key,
+        version,
+    )
+    time.sleep(wait)
+    return True
 
 
 def _count(conn: Connection, t: sa.Table, where: sa.ColumnElement[bool]) -> int:

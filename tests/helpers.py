@@ -38,7 +38,7 @@ def configure_local(
     *,
     names: Iterable[str] = ("pii",),
     master_key: MasterKey | None = None,
-    active_ttl: float = 60.0,
+    active_ttl: float = 1.0,  # short: a re-encryption finishes no sooner than this after a rotation
 ) -> kf.KeyRegistry:
     """Configure the global registry with a local master key and a key store on ``engine``."""
     store = kf.SqlKeyStore(engine)

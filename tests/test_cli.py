@@ -128,7 +128,9 @@ def work(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def cli(work: Path) -> Cli:
-    return Cli(work, clean_environment())
+    # The test process is the application here, with active_ttl=0: the command line need not
+    # wait for other processes after a rotation.
+    return Cli(work, {**clean_environment(), "KMS_FIELD_ACTIVE_TTL": "0"})
 
 
 def load_module(path: Path) -> ModuleType:

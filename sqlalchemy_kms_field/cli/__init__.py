@@ -16,9 +16,13 @@ Configuration (flags override environment variables, which override the config f
                                   declarative Base: its encrypted and blind-index columns are
                                   known to status, reencrypt and keys retire, and reindex
                                   takes each BlindIndex declaration from it       (--models)
+  KMS_FIELD_ACTIVE_TTL            seconds the application's processes keep the active key
+                                  versions (default 60; keep it equal to the application's):
+                                  a re-encryption finishes, and a reindex starts, only that
+                                  long after the rotation                     (--active-ttl)
 
 Config file: --config PATH, else ./kms-field.toml, else [tool.kms-field] in ./pyproject.toml,
-with the keys database_url, master_key, previous_master_keys (a list) and models:
+with the keys database_url, master_key, previous_master_keys (a list), models and active_ttl:
 
   # kms-field.toml
   database_url = "postgresql+psycopg://app@db.internal/app"

@@ -20,7 +20,7 @@ from ..exc import ConfigurationError
 from ..key_store import SqlKeyStore
 from ..master_keys import Context
 from ..registry import KeyRegistry
-from .config import ENV, PROG, master_key_from_spec, resolve_settings
+from .config import ENV, PROG, active_ttl, master_key_from_spec, resolve_settings
 from .errors import Refused, UsageError
 from .models import index_columns, load_models
 from .output import make_console
@@ -122,7 +122,9 @@ class App:
     def registry(self, *, master: bool) -> KeyRegistry:
         """A registry on the configured database; ``master``: this command unwraps keys."""
         if not master:
-            return KeyRegistry(_NoMasterKey(), self.key_store())
+            return KeyRegistry(
+                _NoMasterKey(), self.key_store(), active_ttl=active_ttl(self.settings)
+            )
         # Every setting is checked (status 2) before the database is touched.
         why = f"`{self.args.label}`"
         setting = self.settings.need_all(["database_url", "master_key"], why)[1]
@@ -133,7 +135,12 @@ class App:
         if found is not None:
             specs = [found.value] if isinstance(found.value, str) else found.value
             previous = [master_key_from_spec(spec, found.source) for spec in specs]
-        return KeyRegistry(master_key, self.key_store(), previous_master_keys=previous)
+        return KeyRegistry(
+            master_key,
+            self.key_store(),
+            previous_master_keys=previous,
+            active_ttl=active_ttl(self.settings),
+        )
 
     def metadata(self) -> sa.MetaData | None:
         """The MetaData named by the models setting, if there is one."""

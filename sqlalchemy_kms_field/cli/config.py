@@ -27,12 +27,14 @@ ENV = {
     "master_key": "KMS_FIELD_MASTER_KEY",
     "previous_master_keys": "KMS_FIELD_PREVIOUS_MASTER_KEYS",
     "models": "KMS_FIELD_MODELS",
+    "active_ttl": "KMS_FIELD_ACTIVE_TTL",
 }
 FLAGS = {
     "database_url": "--database-url",
     "master_key": "--master-key",
     "previous_master_keys": "--previous-master-key",
     "models": "--models",
+    "active_ttl": "--active-ttl",
 }
 CONFIG_FILE = "kms-field.toml"
 MASTER_KEY_SYNTAX = (
@@ -144,6 +146,8 @@ def _read_config_file(path: Path) -> dict[str, Setting]:
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise UsageError(f"{source} must be a list of master keys ({MASTER_KEY_SYNTAX})")
             out[name] = Setting([_relative_to(v, path) for v in value], source)
+        elif name == "active_ttl" and isinstance(value, int | float):
+            out[name] = Setting(str(value), source)
         elif isinstance(value, str):
             out[name] = Setting(
                 _relative_to(value, path) if name == "master_key" else value, source
@@ -151,6 +155,20 @@ def _read_config_file(path: Path) -> dict[str, Setting]:
         else:
             raise UsageError(f"{source} must be a string")
     return out
+
+
+def active_ttl(settings: Settings) -> float:
+    """Seconds processes keep the active key versions (60 unless configured)."""
+    found = settings.get("active_ttl")
+    if found is None:
+        return 60.0
+    try:
+        seconds = float(str(found.value))
+    except ValueError:
+        seconds = -1.0
+    if seconds < 0:
+        raise UsageError(f"{found.source} must be a number of seconds (0 or more)")
+    return seconds
 
 
 def _relative_to(spec: str, config_file: Path) -> str:

@@ -75,6 +75,12 @@ def _common_options() -> argparse.ArgumentParser:
         help=f"MetaData or declarative Base (overrides {ENV['models']})",
     )
     group.add_argument(
+        "--active-ttl",
+        metavar="SECONDS",
+        default=s,
+        help=f"how long processes keep the active key versions (overrides {ENV['active_ttl']})",
+    )
+    group.add_argument(
         "-v", "--verbose", action="store_true", default=s, help="log what the library does (INFO)"
     )
     return common

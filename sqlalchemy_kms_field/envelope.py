@@ -19,7 +19,6 @@ messages-per-key limit, and a repeated nonce would only reveal that two plaintex
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hmac
 import os
@@ -98,17 +97,27 @@ def _encoded_len(n: int) -> int:
     return (4 * n + 2) // 3
 
 
+# binascii directly: the base64 module's wrappers cost more than the conversion itself.
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+_TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
+def _b64url(raw: bytes) -> bytes:
+    return binascii.b2a_base64(raw, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
+
+
 def b64encode(raw: bytes) -> str:
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    return _b64url(raw).decode("ascii")
 
 
 def b64decode(body: str) -> bytes:
     """Strict base64url without padding: any character or bit out of place is an error."""
     try:
-        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+        data = body.encode("ascii")
+        raw = binascii.a2b_base64(data.translate(_TO_STANDARD) + b"=" * (-len(data) % 4))
     except (binascii.Error, ValueError) as exc:
         raise ValueError("not base64url") from exc
-    if b64encode(raw) != body:  # rejects foreign characters and non-zero padding bits
+    if _b64url(raw) != data:  # rejects foreign characters and non-zero padding bits
         raise ValueError("not canonical base64url")
     return raw
 

@@ -26,9 +26,10 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 Operation = Literal["reencrypt", "encrypt", "decrypt", "reindex"]
 ProgressCallback = Callable[[int, int], None]  # (rows done in this run, rows to do at start)
+T = TypeVar("T")
 
 jobs_table = census.jobs_table
 
@@ -85,6 +87,11 @@ class _Transform:
         self.registry = registry
         self.binary = binary
         self.key_prefix = f"{envelope.FORMAT}:{key}:"
+        # Source keys met so far, by their exact header (bytes for binary columns): the header
+        # of a row is then one dict lookup, not a regex parse and a registry lookup.
+        self._sources: dict[str | bytes, DataKey] = {}
+        self._colon: str | bytes = b":" if binary else ":"
+        self._after_name = len(self.key_prefix)
 
     def pending(self, col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
         """Rows this job still has to rewrite."""
@@ -102,6 +109,11 @@ class _Transform:
     def __call__(self, value: Any) -> Any:
         if self.binary:
             value = bytes(value)
+        if self.operation != "encrypt":
+            # Only an exact match of a header already checked below takes this path.
+            source = self._sources.get(value[: value.find(self._colon, self._after_name) + 1])
+            if source is not None:
+                return self._from(source, value)
         found = envelope.parse_header(value)
         if self.operation == "encrypt":
             if found is not None:
@@ -119,6 +131,10 @@ class _Transform:
         if name != self.key:
             raise KmsFieldError(f"value is under data key {name!r}, not {self.key!r}")
         source = self.registry.data_key(name, version)
+        self._sources[source.header_bytes if self.binary else source.header] = source
+        return self._from(source, value)
+
+    def _from(self, source: DataKey, value: Any) -> Any:
         plaintext = source.decrypt_binary(value) if self.binary else source.decrypt_text(value)
         if self.operation == "decrypt":
             return plaintext if self.binary else plaintext.decode("utf-8")
@@ -394,6 +410,9 @@ class _Job:
             if engine.dialect.name == "postgresql"
             else None
         )
+        # Read and compute batch k+1 in a thread while batch k is written (not on SQLite,
+        # where a reader on a second connection can hold up the writer's commit).
+        self.pipelined = engine.dialect.name != "sqlite"
         self.checkpoint = (
             sa.update(jobs_table)
             .where(*_job_where(ref, operation))
@@ -407,61 +426,95 @@ class _Job:
 
     def sweep(self, last: tuple[Any, ...] | None) -> None:
         self.result.sweeps += 1
-        while True:
-            started = time.monotonic()
-            last, count = self._batch(last)
-            if count == 0:
-                return
-            if self.rate:
-                time.sleep(max(0.0, count / self.rate - (time.monotonic() - started)))
+        if not self.pipelined:
+            while True:
+                started = time.monotonic()
+                batch = self._read(last)
+                if batch is None:
+                    return
+                self._commit(batch)
+                self._pace(batch, started)
+                last = batch.last
+        # Two stages: a thread reads and computes batch k+1 (decrypting and encrypting hold
+        # the GIL) while this thread writes and commits batch k (the driver releases the GIL
+        # while the database works). Batches are disjoint key ranges, every write is
+        # compare-and-swap and commits with its own checkpoint, so the overlap changes nothing.
+        with ThreadPoolExecutor(1, thread_name_prefix="kms-field-read") as pool:
+            ahead = pool.submit(self._read, last)
+            while True:
+                started = time.monotonic()
+                batch = ahead.result()
+                if batch is None:
+                    return
+                ahead = pool.submit(self._read, batch.last)
+                self._commit(batch)
+                self._pace(batch, started)
 
-    def _batch(self, last: tuple[Any, ...] | None) -> tuple[tuple[Any, ...] | None, int]:
+    def _pace(self, batch: _Batch, started: float) -> None:
+        if self.rate:
+            time.sleep(max(0.0, batch.count / self.rate - (time.monotonic() - started)))
+
+    def _read(self, last: tuple[Any, ...] | None) -> _Batch | None:
+        """The next page of rows to do after ``last``, computed; None when there is none."""
         page = self.page
         if last is not None:
             bound = last[0] if len(self.pk) == 1 else sa.tuple_(*[sa.literal(v) for v in last])
             page = page.where(self.pk_expr > bound)
-        for attempt in range(4):
+
+        def read() -> Sequence[Any]:
+            with self.engine.connect() as conn:
+                return conn.execute(page).all()
+
+        rows = self._retrying(read)
+        return self._compute(rows) if rows else None
+
+    def _commit(self, batch: _Batch) -> None:
+        """Write a batch and its checkpoint in one transaction."""
+
+        def write() -> int:
+            with self.engine.begin() as conn:
+                written = self._write(conn, batch) if batch.rows else 0
+                conn.execute(
+                    self.checkpoint,
+                    {
+                        "last_key": _dump_key(batch.last),
+                        "n": len(batch.rows),
+                        "s": batch.skipped,
+                        "now": _now(),
+                    },
+                )
+            return written
+
+        written = self._retrying(write)
+        todo = len(batch.rows)
+        if written >= 0 and todo >= written:
+            # Drivers report the rows matched by the executemany; misses are conflicts.
+            self.result.rows_conflicted += todo - written
+            self.result.rows_written += written
+        else:
+            self.result.rows_written += todo
+        if self.progress:
+            self.progress(self.result.rows_written + self.result.rows_conflicted, self.todo)
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        for n in range(4):
             try:
-                with self.engine.begin() as conn:
-                    rows = conn.execute(page).all()
-                    if not rows:
-                        return last, 0
-                    params, skipped = self._compute(rows)
-                    written = self._write(conn, params) if params else 0
-                    new_last = tuple(rows[-1][: len(self.pk)])
-                    conn.execute(
-                        self.checkpoint,
-                        {
-                            "last_key": _dump_key(new_last),
-                            "n": len(params),
-                            "s": skipped,
-                            "now": _now(),
-                        },
-                    )
-                break
+                return attempt()
             except sa.exc.StatementError as exc:
                 # The parameters hold old and new values (plaintext, for decrypt): never show them.
                 exc.hide_parameters = True
                 if not isinstance(exc, sa.exc.OperationalError):
                     raise self._refused(exc) from (None if self.operation == "decrypt" else exc)
                 # Deadlock, serialization failure or lost connection: the batch rolled back.
-                if attempt == 3:
+                if n == 3:
                     raise ReencryptionError(
                         f"{self.operation} of {self.ref} failed after retries: the database "
                         f"said {type(exc.orig).__name__}; every row is intact, rerun to resume",
                         table=self.ref.table,
                         column=self.ref.column,
                     ) from exc
-                time.sleep(0.1 * 2**attempt)
-        if written >= 0 and len(params) >= written:
-            # Drivers report the rows matched by the executemany; misses are conflicts.
-            self.result.rows_conflicted += len(params) - written
-            self.result.rows_written += written
-        else:
-            self.result.rows_written += len(params)
-        if self.progress:
-            self.progress(self.result.rows_written + self.result.rows_conflicted, self.todo)
-        return new_last, len(rows)
+                time.sleep(0.1 * 2**n)
+        raise AssertionError("unreachable")
 
     def _refused(self, exc: sa.exc.StatementError) -> ReencryptionError:
         orig = exc.orig
@@ -479,25 +532,28 @@ class _Job:
             column=self.ref.column,
         )
 
-    def _write(self, conn: Connection, params: list[dict[str, Any]]) -> int:
+    def _write(self, conn: Connection, batch: _Batch) -> int:
         if self.pg_update is None:
-            return int(conn.execute(self.update, params).rowcount)
+            return int(conn.execute(self.update, batch.params()).rowcount)
         # PostgreSQL: one statement per batch over arrays (unnest) instead of one per row.
-        arrays = {name: [p[name] for p in params] for name in params[0]}
-        return int(conn.execute(self.pg_update, arrays).rowcount)
+        statement, literals = self.pg_update
+        columns: dict[str, Any] = batch.columns()
+        for name, render in literals.items():
+            columns[name] = render(columns[name])
+        return int(conn.execute(statement, columns).rowcount)
 
-    def _compute(self, rows: Sequence[Any]) -> tuple[list[dict[str, Any]], int]:
+    def _compute(self, rows: Sequence[Any]) -> _Batch:
         n = len(self.pk)
-        params = []
+        transform = self.transform
+        with_source = self.source is not None
+        kept: list[Any] = []
+        news: list[Any] = []
         skipped = 0
         for row in rows:
-            key = tuple(row[:n])
-            old = row[n]
             try:
-                new = (
-                    self.transform(old) if self.source is None else self.transform(old, row[n + 1])
-                )
+                new = transform(row[n], row[n + 1]) if with_source else transform(row[n])
             except KmsFieldError as exc:
+                key = tuple(row[:n])
                 if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
                     raise ReencryptionError(
                         f"{self.operation} of {self.ref} stopped at the row with primary key "
@@ -519,15 +575,53 @@ class _Job:
                         exc,
                     )
                 continue
-            p = {f"pk_{i}": v for i, v in enumerate(key)}
-            p["old_value"] = old
-            if self.companion is not None:
-                new, p["companion_value"] = new
-            p["new_value"] = new
-            if self.source is not None:
-                p["old_source"] = row[n + 1]
-            params.append(p)
-        return params, skipped
+            kept.append(row)
+            news.append(new)
+        return _Batch(
+            kept, news, n, with_source, self.companion is not None, tuple(rows[-1][:n]), len(rows),
+            skipped,
+        )  # fmt: skip
+
+
+class _Batch:
+    """A computed page: the rows to write (primary key, old value[, old source]), their new
+    values (with the companion's for encrypt with a blind index), and where the page ended."""
+
+    __slots__ = ("companion", "count", "last", "n", "news", "rows", "skipped", "source")
+
+    def __init__(
+        self,
+        rows: list[Any],
+        news: list[Any],
+        n: int,
+        source: bool,
+        companion: bool,
+        last: tuple[Any, ...],
+        count: int,
+        skipped: int,
+    ) -> None:
+        self.rows, self.news, self.n, self.source, self.companion = rows, news, n, source, companion
+        self.last, self.count, self.skipped = last, count, skipped
+
+    def columns(self) -> dict[str, list[Any]]:
+        n, rows = self.n, self.rows
+        out = {f"pk_{i}": [r[i] for r in rows] for i in range(n)}
+        out["old_value"] = [r[n] for r in rows]
+        if self.companion:
+            out["new_value"] = [new for new, _ in self.news]
+            out["companion_value"] = [index for _, index in self.news]
+        else:
+            out["new_value"] = self.news
+        if self.source:
+            out["old_source"] = [r[n + 1] for r in rows]
+        return out
+
+    def params(self) -> list[dict[str, Any]]:
+        columns = self.columns()
+        return [
+            dict(zip(columns, values, strict=True))
+            for values in zip(*columns.values(), strict=True)
+        ]
 
 
 def _pg_update(
@@ -537,8 +631,13 @@ def _pg_update(
     col: sa.Column[Any],
     source: sa.Column[Any] | None = None,
     companion: sa.Column[Any] | None = None,
-) -> sa.TextClause:
-    """``UPDATE ... FROM unnest(arrays)`` with the compare-and-swap condition on every row."""
+) -> tuple[sa.TextClause, dict[str, Callable[[list[Any]], str]]]:
+    """``UPDATE ... FROM unnest(arrays)`` with the compare-and-swap condition on every row.
+
+    Text and integer arrays are sent as one string each, in PostgreSQL's array syntax: drivers
+    dump a list of strings element by element in Python (psycopg: a regular expression per
+    element), which cost more than the UPDATE itself. Also returns how to render those.
+    """
     from sqlalchemy.dialects.postgresql import ARRAY
 
     dialect = engine.dialect
@@ -558,25 +657,56 @@ def _pg_update(
         names.append("companion_value")
         types.append(companion.type)
         sets.append(f"{q(companion.name)} = v.companion_value")
-    arrays = ", ".join(
-        f"CAST(:{n} AS {_unsized(typ.compile(dialect))}[])"
-        for n, typ in zip(names, types, strict=True)
-    )
+    literals: dict[str, Callable[[list[Any]], str]] = {}
+    arrays = []
+    binds = []
+    for n, typ in zip(names, types, strict=True):
+        sql_type = _unsized(typ.compile(dialect))
+        render = _pg_text_array if isinstance(typ, sa.String) else None
+        if isinstance(typ, sa.Integer):
+            render = _pg_int_array
+        if render is None:
+            arrays.append(f"CAST(:{n} AS {sql_type}[])")
+            binds.append(sa.bindparam(n, type_=ARRAY(_unsized_type(typ))))
+        else:
+            arrays.append(f"CAST(CAST(:{n} AS TEXT) AS {sql_type}[])")
+            binds.append(sa.bindparam(n, type_=sa.Text()))
+            literals[n] = render
     sql = (
         f"UPDATE {dialect.identifier_preparer.format_table(t)} AS t "
         f"SET {', '.join(sets)} "
-        f"FROM unnest({arrays}) AS v({', '.join(names)}) "
+        f"FROM unnest({', '.join(arrays)}) AS v({', '.join(names)}) "
         f"WHERE {' AND '.join(match)}"
     )
-    return sa.text(sql).bindparams(
-        *[sa.bindparam(n, type_=ARRAY(_unsized_type(t))) for n, t in zip(names, types, strict=True)]
-    )
+    return sa.text(sql).bindparams(*binds), literals
+
+
+def _pg_int_array(values: list[Any]) -> str:
+    return "{" + ",".join([str(int(v)) for v in values]) + "}"
+
+
+def _pg_text_array(values: list[Any]) -> str:
+    """Strings (or None) in PostgreSQL's array input syntax, each element double-quoted."""
+    if not values:
+        return "{}"
+    if None in values:
+        return "{" + ",".join(["NULL" if v is None else _pg_quote(v) for v in values]) + "}"
+    joined = "".join(values)
+    if '"' in joined or "\\" in joined:
+        return "{" + ",".join([_pg_quote(v) for v in values]) + "}"
+    return '{"' + '","'.join(values) + '"}'
+
+
+def _pg_quote(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _unsized(sql_type: str) -> str:
     # PostgreSQL silently truncates an explicit cast to varchar(n): cast to the unsized type
     # so that a value too long for the column fails the UPDATE instead of losing data.
-    return re.sub(r"\s*\([^)]*\)", "", sql_type)
+    unsized = re.sub(r"\s*\([^)]*\)", "", sql_type)
+    # ... except that an unsized CHAR is char(1): bpchar is the unsized blank-padded type.
+    return {"CHAR": "BPCHAR", "NCHAR": "BPCHAR", "CHARACTER": "BPCHAR"}.get(unsized, unsized)
 
 
 def _unsized_type(typ: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:

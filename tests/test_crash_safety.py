@@ -476,11 +476,10 @@ def test_corrupt_value_stops_the_job_which_resumes_once_repaired(
     result = reencrypt_column(engine, "users", "email", key="pii", batch_size=FAIL_BATCH)
 
     assert result.finished
-    assert (result.rows_written, result.rows_conflicted, result.sweeps) == (
-        FAIL_ROWS - done,
-        0,
-        1,
-    )
+    assert (result.rows_written, result.rows_conflicted) == (FAIL_ROWS - done, 0)
+    # One sweep, or two when the job ends within active_ttl + 2 s of the rotation: then it
+    # waits for every process to know the new version and counts (and sweeps) once more.
+    assert result.sweeps in (1, 2)
     resumed = job_row(engine)
     assert resumed.rows_done == FAIL_ROWS, "rows_done continues from the checkpoint"
     assert resumed.started_at == job.started_at, "the same job, resumed"

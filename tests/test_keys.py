@@ -204,7 +204,7 @@ def test_create_data_key_does_not_activate_what_fails_to_verify(
     # Nothing was activated, and the failed version's number was freed again...
     assert store.versions("pii") == []
     assert store.active_version("pii") is None
-    with pytest.raises(kf.KeyNotFoundError, match="no data key named 'pii'"):
+    with pytest.raises(kf.KeyNotFoundError, match="no key named 'pii'"):
         registry.active_key("pii")
     # ...so that a retry with a working master key creates version 1.
     retry = kf.configure(master_key=kf.LocalMasterKey(MASTER_KEY_BYTES), key_store=store)

@@ -23,7 +23,6 @@ from .master_keys import Context, MasterKey
 log = logging.getLogger(__name__)
 
 PURPOSES = {"data": "sqlalchemy-kms-field data key", "index": "sqlalchemy-kms-field index key"}
-PURPOSE = PURPOSES["data"]
 
 
 def key_context(name: str, version: int, kind: str = "data") -> Context:

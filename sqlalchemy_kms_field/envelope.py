@@ -23,7 +23,8 @@ import binascii
 import hmac
 import os
 import re
-from typing import Final
+from collections.abc import Sequence
+from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
@@ -100,6 +101,11 @@ def _encoded_len(n: int) -> int:
 # binascii directly: the base64 module's wrappers cost more than the conversion itself.
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+_PADDING = (b"", None, b"==", b"=")  # by len % 4; a length of 4k+1 is never base64
+# Canonical encodings leave the unused low bits of the last character zero: with 2 (3)
+# characters in the last group, 4 (2) bits are unused, so it must be one of these.
+_LAST_CHAR = (b"", b"", frozenset(b"AQgw"), frozenset(b"AEIMQUYcgkosw048"))
 
 
 def _b64url(raw: bytes) -> bytes:
@@ -111,15 +117,27 @@ def b64encode(raw: bytes) -> str:
 
 
 def b64decode(body: str) -> bytes:
-    """Strict base64url without padding: any character or bit out of place is an error."""
+    """Strict base64url without padding: any character or bit out of place is an error.
+
+    Exactly the strings ``b64encode`` can produce decode: no padding, no whitespace, no
+    characters of the standard alphabet, no non-zero unused bits in the last character.
+    """
     try:
         data = body.encode("ascii")
-        raw = binascii.a2b_base64(data.translate(_TO_STANDARD) + b"=" * (-len(data) % 4))
-    except (binascii.Error, ValueError) as exc:
-        raise ValueError("not base64url") from exc
-    if _b64url(raw) != data:  # rejects foreign characters and non-zero padding bits
+    except UnicodeEncodeError:
+        raise ValueError("not base64url") from None
+    rest = len(data) % 4
+    if rest == 1 or data.translate(None, _ALPHABET):  # something left is foreign
+        raise ValueError("not base64url")
+    if rest and data[-1] not in _LAST_CHAR[rest]:
         raise ValueError("not canonical base64url")
-    return raw
+    return binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[rest])  # type: ignore[operator]
+
+
+_ALTERED = (
+    "authentication failed (the stored value was altered, or was not written under this key "
+    "version)"
+)
 
 
 class DataKey:
@@ -155,10 +173,35 @@ class DataKey:
         return nonce + self._aead.encrypt(nonce, plaintext, self.header_bytes)
 
     def encrypt_text(self, plaintext: bytes) -> str:
-        return self.header + b64encode(self.seal(plaintext))
+        # seal() and b64encode() inlined: this runs once per value written.
+        nonce = os.urandom(NONCE_SIZE)
+        body = nonce + self._aead.encrypt(nonce, plaintext, self.header_bytes)
+        encoded = binascii.b2a_base64(body, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
+        return self.header + encoded.decode("ascii")
 
     def encrypt_binary(self, plaintext: bytes) -> bytes:
         return self.header_bytes + self.seal(plaintext)
+
+    def encrypt_many(self, plaintexts: Sequence[bytes], *, binary: bool = False) -> list[Any]:
+        """``encrypt_text`` (or ``encrypt_binary``) of each plaintext, in one loop.
+
+        For batch jobs: the nonces come from one ``os.urandom`` call (independent random bytes
+        either way), and the per-value method calls are gone, about a fifth of the cost.
+        """
+        nonces = os.urandom(NONCE_SIZE * len(plaintexts))
+        encrypt, head, head_bytes = self._aead.encrypt, self.header, self.header_bytes
+        b2a, urlsafe = binascii.b2a_base64, _TO_URLSAFE
+        out: list[Any] = []
+        for i, plaintext in enumerate(plaintexts):
+            nonce = nonces[NONCE_SIZE * i : NONCE_SIZE * (i + 1)]
+            body = nonce + encrypt(nonce, plaintext, head_bytes)
+            if binary:
+                out.append(head_bytes + body)
+            else:
+                out.append(
+                    head + b2a(body, newline=False).translate(urlsafe).rstrip(b"=").decode("ascii")
+                )
+        return out
 
     # Decryption ---------------------------------------------------------------------------
 
@@ -169,18 +212,24 @@ class DataKey:
         try:
             return self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], self.header_bytes)
         except InvalidTag:
-            raise self._error(
-                "authentication failed (the stored value was altered, or was not written "
-                "under this key version)"
-            ) from None
+            raise self._error(_ALTERED) from None
 
     def decrypt_text(self, value: str) -> bytes:
         """Decrypt a text value whose header is this key's (the caller matched it)."""
+        # b64decode() and open() inlined: this runs once per value read.
+        data = value[len(self.header) :].encode("ascii", "replace")  # "?" is not base64url
+        rest = len(data) % 4
+        if rest == 1 or data.translate(None, _ALPHABET):
+            raise self._error("the body is not valid base64url")
+        if rest and data[-1] not in _LAST_CHAR[rest]:
+            raise self._error("the body is not valid base64url")
+        body = binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[rest])  # type: ignore[operator]
+        if len(body) < NONCE_SIZE + TAG_SIZE:
+            raise self._error("the value is truncated")
         try:
-            body = b64decode(value[len(self.header) :])
-        except ValueError:
-            raise self._error("the body is not valid base64url") from None
-        return self.open(body)
+            return self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], self.header_bytes)
+        except InvalidTag:
+            raise self._error(_ALTERED) from None
 
     def decrypt_binary(self, value: bytes) -> bytes:
         return self.open(value[len(self.header_bytes) :])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import re
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -137,3 +138,31 @@ def raw_values(engine: sa.Engine, table: str, column: str) -> list[Any]:
             sa.text(f"SELECT {quote(column)} FROM {quote(table)} ORDER BY id")
         ).all()
     return [r[0] for r in rows]
+
+
+def wait_for_orphaned_statements(engine: sa.Engine, timeout: float = 30) -> None:
+    """Wait until no other session of this database is running a statement.
+
+    A SIGKILLed client's last statement still runs to completion on the server (on PostgreSQL
+    a re-encryption batch is one autocommit statement, checkpoint included, so it commits): a
+    test that reads the state right after the kill must wait for it, or it sees a moving state.
+    """
+    if engine.dialect.name == "postgresql":
+        busy = sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND state <> 'idle'"
+        )
+    elif engine.dialect.name in ("mysql", "mariadb"):
+        busy = sa.text(
+            "SELECT count(*) FROM information_schema.processlist WHERE db = database() "
+            "AND id <> connection_id() AND command <> 'Sleep'"
+        )
+    else:
+        return  # SQLite: the killed process was the only one running its statements
+    deadline = time.monotonic() + timeout
+    while True:
+        with engine.connect() as conn:
+            if conn.execute(busy).scalar_one() == 0:
+                return
+        assert time.monotonic() < deadline, "the killed client's statement is still running"
+        time.sleep(0.05)

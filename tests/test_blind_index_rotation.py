@@ -31,6 +31,7 @@ from tests.helpers import (
     local_master_key,
     raw_values,
     reset_global_registry,
+    wait_for_orphaned_statements,
 )
 from tests.test_blind_index import (
     INDEX_KEY,
@@ -116,6 +117,7 @@ def wait_and_kill(
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
             assert proc.returncode == -signal.SIGKILL
+            wait_for_orphaned_statements(engine)
             after = job_row(engine)  # a batch may have committed just before the kill
             assert after.finished_at is None and after.rows_done >= row.rows_done
             return int(after.rows_done)

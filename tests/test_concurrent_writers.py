@@ -125,8 +125,12 @@ def test_row_changed_between_read_and_write_is_not_overwritten(
     def interleave(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
         # The first batch has read rows 1..100 and is about to write them: the application
         # changes four of them now, and commits.
-        is_data_write = statement.lstrip().upper().startswith("UPDATE") and "users" in statement
-        if injected or not is_data_write or "kms_field_jobs" in statement:
+        # (On PostgreSQL a batch is one statement with its checkpoint: WITH moved AS ...)
+        head = statement.lstrip().upper()
+        is_data_write = head.startswith("WITH MOVED AS") or (
+            head.startswith("UPDATE") and "users" in statement and "kms_field_jobs" not in statement
+        )
+        if injected or not is_data_write:
             return
         injected.append(statement)
         with app.begin() as other:

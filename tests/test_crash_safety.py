@@ -29,7 +29,7 @@ import sqlalchemy as sa
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field.exc import ReencryptionError
 from sqlalchemy_kms_field.reencrypt import jobs_table, reencrypt_column
-from tests.helpers import raises_kf, reset_global_registry
+from tests.helpers import raises_kf, reset_global_registry, wait_for_orphaned_statements
 from tests.kms_server import KmsServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -317,6 +317,7 @@ def test_sigkilled_rotation_migration_resumes_and_loses_nothing(
                 process.send_signal(signal.SIGKILL)
                 process.wait(timeout=60)
         assert process.returncode == -signal.SIGKILL
+        wait_for_orphaned_statements(engine)
 
         job = job_row(engine)
         assert job.finished_at is None

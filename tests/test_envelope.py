@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
+import random
 import string
 from pathlib import Path
 from typing import Any
@@ -297,6 +299,53 @@ def test_b64_round_trips_every_length() -> None:
 def test_b64decode_rejects_non_canonical_text(body: str) -> None:
     with pytest.raises(ValueError):
         envelope.b64decode(body)
+
+
+def _canonical_reference(body: str) -> bytes | None:
+    """What b64decode must do, by the definition: decode leniently, accept only if encoding
+    the result gives back exactly ``body``."""
+    try:
+        raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    return raw if base64.urlsafe_b64encode(raw).decode().rstrip("=") == body else None
+
+
+def test_b64decode_agrees_with_the_definition_on_random_strings() -> None:
+    rng = random.Random(8452)
+    alphabet = B64URL + "+/= \n.é"
+    accepted = 0
+    for _ in range(30000):
+        if rng.random() < 0.5:  # mostly-valid strings, one character perhaps changed
+            body = envelope.b64encode(rng.randbytes(rng.randrange(0, 40)))
+            if body and rng.random() < 0.7:
+                i = rng.randrange(len(body))
+                body = body[:i] + rng.choice(alphabet) + body[i + 1 :]
+        else:
+            body = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 12)))
+        expected = _canonical_reference(body)
+        try:
+            got: bytes | None = envelope.b64decode(body)
+        except ValueError:
+            got = None
+        assert got == expected, body
+        accepted += got is not None
+    assert 5000 < accepted < 25000  # both outcomes well exercised
+
+
+def test_encrypt_many_matches_one_at_a_time() -> None:
+    key = DataKey("pii", 3, KEY)
+    plaintexts = [b"", b"a", "é".encode(), b"x" * 1000] + [bytes([i]) * i for i in range(50)]
+    texts = key.encrypt_many(plaintexts)
+    blobs = key.encrypt_many(plaintexts, binary=True)
+    assert [key.decrypt_text(t) for t in texts] == plaintexts
+    assert [key.decrypt_binary(b) for b in blobs] == plaintexts
+    assert all(t.startswith("kf1:pii:3:") for t in texts)
+    assert all(b.startswith(b"kf1:pii:3:") for b in blobs)
+    # Every value has its own nonce (the first 12 bytes of the body).
+    nonces = {envelope.b64decode(t[len(key.header) :])[:12] for t in texts}
+    nonces |= {b[len(key.header_bytes) : len(key.header_bytes) + 12] for b in blobs}
+    assert len(nonces) == 2 * len(plaintexts)
 
 
 def test_a_non_canonical_spelling_of_a_valid_body_does_not_decrypt() -> None:

@@ -215,17 +215,17 @@ def assert_clean(
 
 
 class TransformSpy:
-    """Counts the values the job decrypts or encrypts (``_Transform.__call__``)."""
+    """Counts the values the job decrypts or encrypts (``_Transform.many``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        real = reencrypt._Transform.__call__
+        real = reencrypt._Transform.many
 
-        def spy(transform: reencrypt._Transform, value: Any) -> Any:
-            self.calls += 1
-            return real(transform, value)
+        def spy(transform: reencrypt._Transform, values: Any) -> Any:
+            self.calls += len(values)
+            return real(transform, values)
 
-        monkeypatch.setattr(reencrypt._Transform, "__call__", spy)
+        monkeypatch.setattr(reencrypt._Transform, "many", spy)
 
 
 # Re-encryption ----------------------------------------------------------------------------------
@@ -448,12 +448,12 @@ def test_a_row_changed_during_the_batch_is_not_overwritten(
     stored = raw_rows(engine, t)[victim][0]
     # The application writes meanwhile, from a process still on v1 (its active version is cached).
     app_value = v1.encrypt_text(b"changed-by-the-app@example.com")
-    real = reencrypt._Transform.__call__
+    real = reencrypt._Transform.many
     changed: list[Any] = []
 
-    def transform_then_race(transform: reencrypt._Transform, value: Any) -> Any:
-        out = real(transform, value)
-        if value == stored and not changed:
+    def transform_then_race(transform: reencrypt._Transform, values: Any) -> Any:
+        out = real(transform, values)
+        if stored in values and not changed:
             # After the job's SELECT of this batch, before its UPDATE: another connection commits.
             with engine.connect() as other:
                 other.execute(
@@ -461,10 +461,10 @@ def test_a_row_changed_during_the_batch_is_not_overwritten(
                     {"v": app_value, "n": victim},
                 )
                 other.commit()
-            changed.append(value)
+            changed.append(stored)
         return out
 
-    monkeypatch.setattr(reencrypt._Transform, "__call__", transform_then_race)
+    monkeypatch.setattr(reencrypt._Transform, "many", transform_then_race)
     result = reencrypt_column(engine, "people", "email", key="pii", batch_size=20, settle_timeout=5)
 
     assert changed, "the race was never staged"
@@ -806,3 +806,84 @@ def test_decrypt_column_of_non_ascii_values(engine: sa.Engine, registry: kf.KeyR
         assert "users.email" in str(exc)
     else:
         assert raw_users(engine) == NON_ASCII
+
+
+# PostgreSQL's batch statement -------------------------------------------------------------------
+
+
+@pytest.mark.databases("postgresql")
+@pytest.mark.parametrize("cursor", ["default", "client"])
+@pytest.mark.parametrize("pk_kind", ["integer", "composite"])
+def test_postgresql_writes_a_batch_in_one_statement_whatever_the_cursor(
+    db_url: str, registry: kf.KeyRegistry, cursor: str, pk_kind: str
+) -> None:
+    """psycopg's default cursor sends the arrays in binary, with the checkpoint in the same
+    statement; its ClientCursor cannot send binary parameters and gets text arrays instead."""
+    import psycopg
+
+    args = {"cursor_factory": psycopg.ClientCursor} if cursor == "client" else {}
+    engine = sa.create_engine(db_url, connect_args=args)
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    try:
+        t = make_people(engine, pk_kind)
+        kf.rotate_data_key("pii")
+        sa.event.listen(engine, "before_cursor_execute", record)
+        result = reencrypt_column(engine, "people", "email", key="pii", batch_size=3)
+        photos = reencrypt_column(engine, "people", "photo", key="pii", batch_size=3)
+        sa.event.remove(engine, "before_cursor_execute", record)
+
+        batch_writes = [s for s in seen if s.startswith(("WITH", "UPDATE")) and "unnest(" in s]
+        assert len(batch_writes) == 3 + 3  # 8 emails and 7 photos in batches of 3
+        if cursor == "default":
+            assert all(s.startswith("WITH moved AS (UPDATE") for s in batch_writes)
+            assert all("kms_field_jobs" in s and ")b::" in s for s in batch_writes)
+        else:
+            assert all(s.startswith("UPDATE") and "CAST(CAST(" in s for s in batch_writes)
+        assert (result.rows_written, photos.rows_written) == (NON_NULL_EMAILS, NON_NULL_PHOTOS)
+        assert count_prefix(engine, t, "email", "kf1:pii:2:") == NON_NULL_EMAILS
+        with engine.connect() as conn:  # the checkpoints counted every row
+            done = conn.execute(
+                sa.select(jobs_table.c.column_name, jobs_table.c.rows_done).where(
+                    jobs_table.c.table_name == "people"
+                )
+            ).all()
+        assert sorted(done) == [("email", NON_NULL_EMAILS), ("photo", NON_NULL_PHOTOS)]
+        registry.forget()
+        assert read_rows(engine, t) == originals()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.databases("postgresql")
+@pytest.mark.parametrize("cursor", ["default", "client"])
+def test_postgresql_table_and_column_names_with_percent_signs(
+    db_url: str, registry: kf.KeyRegistry, cursor: str
+) -> None:
+    """The batch statement is a driver-level string, where "%" is special."""
+    import psycopg
+
+    args = {"cursor_factory": psycopg.ClientCursor} if cursor == "client" else {}
+    engine = sa.create_engine(db_url, connect_args=args)
+    t = sa.Table(
+        "odd%(x)s table",
+        sa.MetaData(),
+        sa.Column("id%", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("e%s", kf.EncryptedString(100, key="pii")),
+    )
+    t.create(engine)
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [{"id%": i, "e%s": f"user{i}@example.com"} for i in range(7)])
+    kf.rotate_data_key("pii")
+    result = reencrypt_column(engine, "odd%(x)s table", "e%s", key="pii", batch_size=3)
+    assert (result.rows_written, result.finished) == (7, True)
+    with engine.connect() as conn:
+        stored = conn.execute(sa.text('SELECT "e%s" FROM "odd%(x)s table"')).scalars().all()
+        assert all(v.startswith("kf1:pii:2:") for v in stored)
+        assert conn.execute(sa.select(t.c["e%s"]).order_by(t.c["id%"])).scalars().all() == [
+            f"user{i}@example.com" for i in range(7)
+        ]
+    engine.dispose()

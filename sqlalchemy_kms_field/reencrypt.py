@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, TypeVar
@@ -449,20 +451,53 @@ class _Job:
                 self._commit(batch)
                 self._pace(batch, started)
                 last = batch.last
-        # Two stages: a thread reads and computes batch k+1 (decrypting and encrypting hold
-        # the GIL) while this thread writes and commits batch k (the driver releases the GIL
-        # while the database works). Batches are disjoint key ranges, every write is
-        # compare-and-swap and commits with its own checkpoint, so the overlap changes nothing.
-        with ThreadPoolExecutor(1, thread_name_prefix="kms-field-read") as pool:
-            ahead = pool.submit(self._read, last)
-            while True:
-                started = time.monotonic()
-                batch = ahead.result()
-                if batch is None:
+        # Three stages: a thread fetches the next pages (keyset paging needs only the last key
+        # of the page before), a thread decrypts and encrypts them (holding the GIL), and this
+        # thread writes and commits (the driver releases the GIL while the database works).
+        # Fetching ahead keeps the computing thread from waiting for the database; at most four
+        # pages are in memory. Batches are disjoint key ranges, every write is compare-and-swap
+        # and commits with its own checkpoint, so the overlap changes nothing.
+        pages: queue.Queue[Any] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def hand_over(item: Any) -> None:
+            while not stop.is_set():
+                try:
+                    pages.put(item, timeout=0.1)
                     return
-                ahead = pool.submit(self._read, batch.last)
-                self._commit(batch)
-                self._pace(batch, started)
+                except queue.Full:
+                    continue
+
+        def fetch_all(last: tuple[Any, ...] | None) -> None:
+            try:
+                while not stop.is_set():
+                    rows = self._fetch(last)
+                    hand_over(rows)
+                    if not rows:
+                        return
+                    last = tuple(rows[-1][: len(self.pk)])
+            except BaseException as exc:  # handed to this thread, which raises it
+                hand_over(exc)
+
+        with ThreadPoolExecutor(2, thread_name_prefix="kms-field") as pool:
+            pool.submit(fetch_all, last)
+            computing: Future[_Batch] | None = None
+            try:
+                while True:
+                    started = time.monotonic()
+                    rows = pages.get()
+                    if isinstance(rows, BaseException):
+                        raise rows
+                    upcoming = pool.submit(self._compute, rows) if rows else None
+                    if computing is not None:
+                        batch = computing.result()
+                        self._commit(batch)
+                        self._pace(batch, started)
+                    if upcoming is None:
+                        return
+                    computing = upcoming
+            finally:
+                stop.set()
 
     def _pace(self, batch: _Batch, started: float) -> None:
         if self.rate:
@@ -470,6 +505,11 @@ class _Job:
 
     def _read(self, last: tuple[Any, ...] | None) -> _Batch | None:
         """The next page of rows to do after ``last``, computed; None when there is none."""
+        rows = self._fetch(last)
+        return self._compute(rows) if rows else None
+
+    def _fetch(self, last: tuple[Any, ...] | None) -> Sequence[Any]:
+        """The next page of rows to do after ``last`` (empty when there is none)."""
         page = self.page
         if last is not None:
             bound = last[0] if len(self.pk) == 1 else sa.tuple_(*[sa.literal(v) for v in last])
@@ -485,8 +525,7 @@ class _Job:
                 finally:
                     result.close()
 
-        rows = self._retrying(read)
-        return self._compute(rows) if rows else None
+        return self._retrying(read)
 
     def _commit(self, batch: _Batch) -> None:
         """Write a batch and its checkpoint in one transaction."""

@@ -404,11 +404,15 @@ class _Job:
         self.result = result
         self.skipped_set: set[tuple[Any, ...]] = set()
         pk_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
-        self.pk_expr = pk_expr
         reads = [col] if source is None else [col, source]
         if pending is None:
             pending = transform.pending(col)
         self.page = sa.select(*pk, *reads).where(pending).order_by(*pk).limit(batch_size)
+        # The pages after the first: the same statement every time (compiled once).
+        after = [sa.bindparam(f"last_{i}", type_=c.type) for i, c in enumerate(pk)]
+        self.next_page = self.page.where(
+            pk_expr > (after[0] if len(pk) == 1 else sa.tuple_(*after))
+        )
         # Rows straight from the driver's cursor where no column needs SQLAlchemy's result
         # processing: building Row objects costs more than the driver's own fetch.
         self.raw_rows = all(_plain_result(c.type, engine.dialect) for c in [*pk, *reads])
@@ -510,14 +514,17 @@ class _Job:
 
     def _fetch(self, last: tuple[Any, ...] | None) -> Sequence[Any]:
         """The next page of rows to do after ``last`` (empty when there is none)."""
-        page = self.page
+        page, params = self.page, {}
         if last is not None:
-            bound = last[0] if len(self.pk) == 1 else sa.tuple_(*[sa.literal(v) for v in last])
-            page = page.where(self.pk_expr > bound)
+            page, params = self.next_page, {f"last_{i}": v for i, v in enumerate(last)}
 
         def read() -> Sequence[Any]:
             with self.engine.connect() as conn:
-                result = conn.execute(page)
+                if self.pg_update is not None:
+                    # No BEGIN and ROLLBACK round trips around the one SELECT (psycopg sends
+                    # both; with PyMySQL, switching autocommit would cost more than it saves).
+                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                result = conn.execute(page, params)
                 if not self.raw_rows:
                     return result.all()
                 try:

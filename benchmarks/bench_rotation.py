@@ -50,7 +50,7 @@ What it does, in one run:
    (configured, keys unwrapped, connected), target within 1.2x between the two sizes; the N-row
    figure is the median of the rounds of (b). ``--skip-memory`` leaves out the N/10 run.
 
-The default run (1,000,000 rows, 3 rounds) takes about 10 minutes on 2 busy cores.
+The default run (1,000,000 rows, 3 rounds) takes a few minutes on 2 cores.
 """
 
 from __future__ import annotations

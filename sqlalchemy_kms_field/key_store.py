@@ -236,7 +236,10 @@ class SqlKeyStore:
                 yield conn
             except (sa.exc.ProgrammingError, sa.exc.OperationalError) as exc:
                 conn.rollback()
-                if not self._has_table():
+                # (SQLite reports a missing table as an OperationalError, like a locked
+                # database: asking a locked database whether the table exists would wait again.)
+                locked = "locked" in str(exc.orig)
+                if not locked and not self._has_table():
                     raise self._missing() from exc
                 raise
 

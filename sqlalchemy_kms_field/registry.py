@@ -13,6 +13,9 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+import sqlalchemy as sa
 
 from . import envelope
 from .envelope import DataKey, IndexKey
@@ -21,6 +24,7 @@ from .key_store import KeyState, SqlKeyStore, StoredKey
 from .master_keys import Context, MasterKey
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PURPOSES = {"data": "sqlalchemy-kms-field data key", "index": "sqlalchemy-kms-field index key"}
 
@@ -93,7 +97,12 @@ class KeyRegistry:
             entry = self._active.get(name)
             if entry is not None and time.monotonic() < entry[1]:
                 return entry[0]
-            version = self.key_store.active_version(name)
+            try:
+                version = self.key_store.active_version(name)
+            except sa.exc.OperationalError as exc:
+                if entry is None:
+                    raise
+                return self._keep(self._active, name, entry, exc)[0]
             if version is None:
                 self.key_store.get(name, 1)  # raises a clear KeyNotFoundError for unknown names
                 raise KeyNotFoundError(
@@ -240,14 +249,19 @@ class KeyRegistry:
             entry = self._live_index.get(name)
             if entry is not None and time.monotonic() < entry[1]:
                 return entry[0]
-            stored = self.key_store.versions(name)
+            try:
+                stored = self.key_store.versions(name)
+                active = self.key_store.active_version(name)
+            except sa.exc.OperationalError as exc:
+                if entry is None:
+                    raise
+                return self._keep(self._live_index, name, entry, exc)[0]
             if not stored:
                 raise KeyNotFoundError(
                     f"no index key named {name!r} in the key store; "
                     f"create it with create_index_key({name!r})"
                 )
             _check_kind(stored[0], "index")
-            active = self.key_store.active_version(name)
             live = sorted(
                 (s.version for s in stored if s.state in (KeyState.ACTIVE, KeyState.READABLE)),
                 key=lambda v: (v != active, -v),
@@ -259,6 +273,25 @@ class KeyRegistry:
             return keys
 
     # Internals -------------------------------------------------------------------------------
+
+    def _keep(
+        self, cache: dict[str, tuple[T, float]], name: str, entry: tuple[T, float], exc: Exception
+    ) -> tuple[T, float]:
+        """The key store could not be read (down, or on SQLite locked by a long write
+        transaction): go on with the versions known, and try again after ``active_ttl``.
+
+        Nothing is lost by it: a value written under the version known is readable, and a
+        re-encryption finds it by its header and moves it (its census sweeps again)."""
+        log.warning(
+            "could not re-read the live versions of key %r from the key store (%s); "
+            "going on with the versions known and trying again in %.3g s",
+            name,
+            type(exc.orig).__name__ if isinstance(exc, sa.exc.DBAPIError) else type(exc).__name__,
+            self.active_ttl,
+        )
+        kept = (entry[0], time.monotonic() + self.active_ttl)
+        cache[name] = kept
+        return kept
 
     def _unwrap(self, stored: StoredKey) -> bytes:
         if stored.state is not KeyState.ACTIVE and stored.state is not KeyState.READABLE:

@@ -316,3 +316,36 @@ def test_a_slow_rotation_finishing_last_does_not_leave_two_active_versions(
         2: kf.KeyState.READABLE,
         3: kf.KeyState.ACTIVE,
     }
+
+
+def test_a_long_sqlite_write_transaction_outliving_active_ttl_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLite without WAL: a write transaction that has spilled its cache holds an exclusive
+    lock, so re-reading the active version on another connection fails ("database is
+    locked"). The registry goes on with the version it knows, says so, and tries again."""
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}", connect_args={"timeout": 0.2})
+    reset_global_registry(monkeypatch)
+    registry = configure_local(engine, active_ttl=0.3)
+    t = sa.Table(
+        "t",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("e", kf.EncryptedString(100, key="pii")),
+    )
+    t.create(engine)
+    values = [f"user{i}@example.com" for i in range(3000)]
+    with engine.begin() as conn:
+        conn.exec_driver_sql("PRAGMA cache_size=5")  # spill (and lock) after a few pages
+        conn.execute(t.insert(), [{"e": v} for v in values[:1500]])
+        time.sleep(0.4)  # active_ttl expires inside the transaction
+        conn.execute(t.insert(), [{"e": v} for v in values[1500:]])
+    assert "could not re-read the live versions of key 'pii'" in caplog.text
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(t.c.e).order_by(t.c.id)).scalars().all() == values
+
+    # Once the store can be read again, a rotation is picked up as usual.
+    registry.rotate_data_key("pii")
+    time.sleep(0.4)
+    assert registry.active_key("pii").version == 2
+    engine.dispose()

@@ -293,8 +293,10 @@ def run_job(
         transform = _WithIndex(transform, index, registry.index_keys(index.key)[0])
     result = JobResult(ref, operation, version, dry_run=dry_run)
 
-    with engine.connect() as conn:
-        todo = _count(conn, t, pending)
+    todo = 0  # counted (a scan of the table) only for a dry run or a progress display
+    if dry_run or progress is not None:
+        with engine.connect() as conn:
+            todo = _count(conn, t, pending)
     if dry_run:
         result.remaining = todo
         return result

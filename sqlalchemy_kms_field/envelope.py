@@ -134,12 +134,6 @@ def b64decode(body: str) -> bytes:
     return binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[rest])  # type: ignore[operator]
 
 
-_ALTERED = (
-    "authentication failed (the stored value was altered, or was not written under this key "
-    "version)"
-)
-
-
 class DataKey:
     """One version of a data key, unwrapped, ready to encrypt and decrypt.
 
@@ -173,11 +167,7 @@ class DataKey:
         return nonce + self._aead.encrypt(nonce, plaintext, self.header_bytes)
 
     def encrypt_text(self, plaintext: bytes) -> str:
-        # seal() and b64encode() inlined: this runs once per value written.
-        nonce = os.urandom(NONCE_SIZE)
-        body = nonce + self._aead.encrypt(nonce, plaintext, self.header_bytes)
-        encoded = binascii.b2a_base64(body, newline=False).translate(_TO_URLSAFE).rstrip(b"=")
-        return self.header + encoded.decode("ascii")
+        return self.header + _b64url(self.seal(plaintext)).decode("ascii")
 
     def encrypt_binary(self, plaintext: bytes) -> bytes:
         return self.header_bytes + self.seal(plaintext)
@@ -189,18 +179,11 @@ class DataKey:
         either way), and the per-value method calls are gone, about a fifth of the cost.
         """
         nonces = os.urandom(NONCE_SIZE * len(plaintexts))
-        encrypt, head, head_bytes = self._aead.encrypt, self.header, self.header_bytes
-        b2a, urlsafe = binascii.b2a_base64, _TO_URLSAFE
+        seal, head, head_bytes = self._seal, self.header, self.header_bytes
         out: list[Any] = []
         for i, plaintext in enumerate(plaintexts):
-            nonce = nonces[NONCE_SIZE * i : NONCE_SIZE * (i + 1)]
-            body = nonce + encrypt(nonce, plaintext, head_bytes)
-            if binary:
-                out.append(head_bytes + body)
-            else:
-                out.append(
-                    head + b2a(body, newline=False).translate(urlsafe).rstrip(b"=").decode("ascii")
-                )
+            body = seal(plaintext, nonces[NONCE_SIZE * i : NONCE_SIZE * (i + 1)])
+            out.append(head_bytes + body if binary else head + _b64url(body).decode("ascii"))
         return out
 
     # Decryption ---------------------------------------------------------------------------
@@ -212,24 +195,18 @@ class DataKey:
         try:
             return self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], self.header_bytes)
         except InvalidTag:
-            raise self._error(_ALTERED) from None
+            raise self._error(
+                "authentication failed (the stored value was altered, or was not written "
+                "under this key version)"
+            ) from None
 
     def decrypt_text(self, value: str) -> bytes:
         """Decrypt a text value whose header is this key's (the caller matched it)."""
-        # b64decode() and open() inlined: this runs once per value read.
-        data = value[len(self.header) :].encode("ascii", "replace")  # "?" is not base64url
-        rest = len(data) % 4
-        if rest == 1 or data.translate(None, _ALPHABET):
-            raise self._error("the body is not valid base64url")
-        if rest and data[-1] not in _LAST_CHAR[rest]:
-            raise self._error("the body is not valid base64url")
-        body = binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[rest])  # type: ignore[operator]
-        if len(body) < NONCE_SIZE + TAG_SIZE:
-            raise self._error("the value is truncated")
         try:
-            return self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], self.header_bytes)
-        except InvalidTag:
-            raise self._error(_ALTERED) from None
+            body = b64decode(value[len(self.header) :])
+        except ValueError:
+            raise self._error("the body is not valid base64url") from None
+        return self.open(body)
 
     def decrypt_binary(self, value: bytes) -> bytes:
         return self.open(value[len(self.header_bytes) :])

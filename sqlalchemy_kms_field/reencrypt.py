@@ -522,7 +522,7 @@ class _Job:
 
         def read() -> Sequence[Any]:
             with self.engine.connect() as conn:
-                if self.pg_update is not None:
+                if self.engine.dialect.name == "postgresql":
                     # No BEGIN and ROLLBACK round trips around the one SELECT (psycopg sends
                     # both; with PyMySQL, switching autocommit would cost more than it saves).
                     conn = conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -839,16 +839,14 @@ class _PgUpdate:
         binary = self._binary(conn)
         if checkpoint is not None and not (binary and self.single):
             raise AssertionError("the checkpoint needs the single-statement form")
+        if binary:
+            for name, process in self.processors.items():
+                columns[name] = [process(v) for v in columns[name]]
         # The key range: rows come in primary-key order (the page is read ORDER BY the key).
         params: dict[str, Any] = {}
         for i in range(self.n):
             params[f"lo_{i}"], params[f"hi_{i}"] = columns[f"pk_{i}"][0], columns[f"pk_{i}"][-1]
         if binary:
-            for name, process in self.processors.items():
-                columns[name] = [process(v) for v in columns[name]]
-                if name.startswith("pk_"):
-                    for bound in ("lo", "hi"):
-                        params[bound + name[2:]] = process(params[bound + name[2:]])
             params.update(columns)
             if checkpoint is not None:
                 params.update(self.checkpoint_params, **checkpoint)

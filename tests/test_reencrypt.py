@@ -811,63 +811,66 @@ def test_decrypt_column_of_non_ascii_values(engine: sa.Engine, registry: kf.KeyR
 # PostgreSQL's batch statement -------------------------------------------------------------------
 
 
-@pytest.mark.databases("postgresql")
-@pytest.mark.parametrize("cursor", ["default", "client"])
-@pytest.mark.parametrize("pk_kind", ["integer", "composite"])
-def test_postgresql_writes_a_batch_in_one_statement_whatever_the_cursor(
-    db_url: str, registry: kf.KeyRegistry, cursor: str, pk_kind: str
-) -> None:
-    """psycopg's default cursor sends the arrays in binary, with the checkpoint in the same
-    statement; its ClientCursor cannot send binary parameters and gets text arrays instead."""
+@pytest.fixture
+def cursor_engine(db_url: str, cursor: str) -> Iterator[sa.Engine]:
+    """An engine whose psycopg connections use the default cursor, or (``cursor="client"``)
+    the ClientCursor; the tests parametrize ``cursor``."""
     import psycopg
 
     args = {"cursor_factory": psycopg.ClientCursor} if cursor == "client" else {}
     engine = sa.create_engine(db_url, connect_args=args)
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.databases("postgresql")
+@pytest.mark.parametrize("cursor", ["default", "client"])
+@pytest.mark.parametrize("pk_kind", ["integer", "composite"])
+def test_postgresql_writes_a_batch_in_one_statement_whatever_the_cursor(
+    cursor_engine: sa.Engine, registry: kf.KeyRegistry, cursor: str, pk_kind: str
+) -> None:
+    """psycopg's default cursor sends the arrays in binary, with the checkpoint in the same
+    statement; its ClientCursor cannot send binary parameters and gets text arrays instead."""
+    engine = cursor_engine
     seen: list[str] = []
 
-    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+    def record(conn: Any, dbapi_cursor: Any, statement: str, *args: Any) -> None:
         seen.append(statement)
 
-    try:
-        t = make_people(engine, pk_kind)
-        kf.rotate_data_key("pii")
-        sa.event.listen(engine, "before_cursor_execute", record)
-        result = reencrypt_column(engine, "people", "email", key="pii", batch_size=3)
-        photos = reencrypt_column(engine, "people", "photo", key="pii", batch_size=3)
-        sa.event.remove(engine, "before_cursor_execute", record)
+    t = make_people(engine, pk_kind)
+    kf.rotate_data_key("pii")
+    sa.event.listen(engine, "before_cursor_execute", record)
+    result = reencrypt_column(engine, "people", "email", key="pii", batch_size=3)
+    photos = reencrypt_column(engine, "people", "photo", key="pii", batch_size=3)
+    sa.event.remove(engine, "before_cursor_execute", record)
 
-        batch_writes = [s for s in seen if s.startswith(("WITH", "UPDATE")) and "unnest(" in s]
-        assert len(batch_writes) == 3 + 3  # 8 emails and 7 photos in batches of 3
-        if cursor == "default":
-            assert all(s.startswith("WITH moved AS (UPDATE") for s in batch_writes)
-            assert all("kms_field_jobs" in s and ")b::" in s for s in batch_writes)
-        else:
-            assert all(s.startswith("UPDATE") and "CAST(CAST(" in s for s in batch_writes)
-        assert (result.rows_written, photos.rows_written) == (NON_NULL_EMAILS, NON_NULL_PHOTOS)
-        assert count_prefix(engine, t, "email", "kf1:pii:2:") == NON_NULL_EMAILS
-        with engine.connect() as conn:  # the checkpoints counted every row
-            done = conn.execute(
-                sa.select(jobs_table.c.column_name, jobs_table.c.rows_done).where(
-                    jobs_table.c.table_name == "people"
-                )
-            ).all()
-        assert sorted(done) == [("email", NON_NULL_EMAILS), ("photo", NON_NULL_PHOTOS)]
-        registry.forget()
-        assert read_rows(engine, t) == originals()
-    finally:
-        engine.dispose()
+    batch_writes = [s for s in seen if s.startswith(("WITH", "UPDATE")) and "unnest(" in s]
+    assert len(batch_writes) == 3 + 3  # 8 emails and 7 photos in batches of 3
+    if cursor == "default":
+        assert all(s.startswith("WITH moved AS (UPDATE") for s in batch_writes)
+        assert all("kms_field_jobs" in s and ")b::" in s for s in batch_writes)
+    else:
+        assert all(s.startswith("UPDATE") and "CAST(CAST(" in s for s in batch_writes)
+    assert (result.rows_written, photos.rows_written) == (NON_NULL_EMAILS, NON_NULL_PHOTOS)
+    assert count_prefix(engine, t, "email", "kf1:pii:2:") == NON_NULL_EMAILS
+    with engine.connect() as conn:  # the checkpoints counted every row
+        done = conn.execute(
+            sa.select(jobs_table.c.column_name, jobs_table.c.rows_done).where(
+                jobs_table.c.table_name == "people"
+            )
+        ).all()
+    assert sorted(done) == [("email", NON_NULL_EMAILS), ("photo", NON_NULL_PHOTOS)]
+    registry.forget()
+    assert read_rows(engine, t) == originals()
 
 
 @pytest.mark.databases("postgresql")
 @pytest.mark.parametrize("cursor", ["default", "client"])
 def test_postgresql_table_and_column_names_with_percent_signs(
-    db_url: str, registry: kf.KeyRegistry, cursor: str
+    cursor_engine: sa.Engine, registry: kf.KeyRegistry
 ) -> None:
     """The batch statement is a driver-level string, where "%" is special."""
-    import psycopg
-
-    args = {"cursor_factory": psycopg.ClientCursor} if cursor == "client" else {}
-    engine = sa.create_engine(db_url, connect_args=args)
+    engine = cursor_engine
     t = sa.Table(
         "odd%(x)s table",
         sa.MetaData(),
@@ -886,4 +889,3 @@ def test_postgresql_table_and_column_names_with_percent_signs(
         assert conn.execute(sa.select(t.c["e%s"]).order_by(t.c["id%"])).scalars().all() == [
             f"user{i}@example.com" for i in range(7)
         ]
-    engine.dispose()

@@ -2,16 +2,29 @@
 
 A stored value is an ASCII header followed by the AEAD output::
 
-    kf1:<key name>:<key version>:<body>
+    kf2:<key name>:<key version>:<body>
 
-``kf1`` names format version 1. ``<body>`` is ``nonce (12 bytes) || ciphertext || tag (16 bytes)``
-of AES-256-GCM-SIV (RFC 8452) over the plaintext, with the header (everything up to and including
-the third ``:``) as associated data. Text columns store the body as base64url without padding;
-binary columns store the header bytes followed by the raw body.
+``kf2`` names format version 2. ``<body>`` is ``nonce (12 bytes) || ciphertext || tag (16 bytes)``
+of AES-256-GCM-SIV (RFC 8452). Text columns store the body as base64url without padding; binary
+columns store the header bytes followed by the raw body.
 
-The header is authenticated: editing the key name or version in the database makes decryption
-fail. Because the header is plain ASCII, SQL alone can count the rows on each key version
-(``WHERE col LIKE 'kf1:pii:2:%'``).
+What a kf2 value is bound to (its associated data, AAD) is the header followed by the value's
+*context*: the logical table, the logical column, the codec (how the Python value became bytes,
+so a Boolean never reads as an Integer) and, where a column asks for it, values of other columns
+of the same row. Each field is length-prefixed (4 bytes, big endian, then UTF-8), so
+``("ab", "c")`` and ``("a", "bc")`` never encode alike::
+
+    aad = header || u32(len(table)) || table || u32(len(column)) || column
+                 || u32(len(codec)) || codec [|| u32(len(name)) || name || u32(len(v)) || v ...]
+
+Editing the key name or version, or moving a value to another table, column, type or row,
+makes decryption fail. The plaintext inside a kf2 value is padded: ``data || 0x80 || 0x00*k``
+(ISO/IEC 7816-4), with ``k`` chosen so the length is a multiple of the column's ``pad`` (0: no
+zeros, just the marker), so that a reader never needs to know the padding setting.
+
+Format 1 (``kf1:``) bound only the header (AAD = header, no padding). kf1 values stay readable;
+re-encryption moves them to kf2. Because the header is plain ASCII, SQL alone can count the rows
+on each key version (``WHERE col LIKE 'kf2:pii:2:%'``).
 
 AES-GCM-SIV derives a fresh key per nonce, so random 96-bit nonces do not hit GCM's 2^32
 messages-per-key limit, and a repeated nonce would only reveal that two plaintexts are equal.
@@ -23,7 +36,7 @@ import binascii
 import hmac
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -31,15 +44,21 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
 from .exc import ConfigurationError, DecryptionError, EncryptionError
 
-FORMAT: Final = "kf1"
+FORMAT: Final = "kf2"
+LEGACY_FORMAT: Final = "kf1"
+FORMATS: Final = (LEGACY_FORMAT, FORMAT)
 NONCE_SIZE: Final = 12
 TAG_SIZE: Final = 16
 KEY_SIZE: Final = 32
 MAX_VERSION_DIGITS: Final = 9
+PAD_MARKER: Final = 0x80
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,62}")
-_HEADER = re.compile(r"kf1:([A-Za-z0-9][A-Za-z0-9.-]{0,62}):([1-9][0-9]{0,8}):")
-_HEADER_BYTES = re.compile(rb"kf1:([A-Za-z0-9][A-Za-z0-9.-]{0,62}):([1-9][0-9]{0,8}):")
+_HEADER = re.compile(r"(kf[12]):([A-Za-z0-9][A-Za-z0-9.-]{0,62}):([1-9][0-9]{0,8}):")
+_HEADER_BYTES = re.compile(rb"(kf[12]):([A-Za-z0-9][A-Za-z0-9.-]{0,62}):([1-9][0-9]{0,8}):")
+# What a damaged header of ours may look like: any case, leading white space, another digit.
+_HEADER_LIKE = re.compile(r"\s*kf\d+:", re.IGNORECASE)
+_HEADER_LIKE_BYTES = re.compile(rb"\s*kf\d+:", re.IGNORECASE)
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -53,20 +72,41 @@ def check_key_name(name: str) -> str:
     return name
 
 
-def header(name: str, version: int) -> str:
+def header(name: str, version: int, fmt: str = FORMAT) -> str:
     """The header of values written under data key ``name`` version ``version``."""
     if not 1 <= version < 10**MAX_VERSION_DIGITS:
         raise ConfigurationError(f"data key version must be 1 to 999999999, got {version}")
-    return f"{FORMAT}:{check_key_name(name)}:{version}:"
+    if fmt not in FORMATS:
+        raise ConfigurationError(f"unknown format {fmt!r}; use one of {FORMATS}")
+    return f"{fmt}:{check_key_name(name)}:{version}:"
+
+
+def parse(value: str | bytes) -> tuple[str, str, int] | None:
+    """Return ``(format, key name, version)`` if ``value`` starts with our header, else None."""
+    if isinstance(value, str):
+        m = _HEADER.match(value)
+        return (m.group(1), m.group(2), int(m.group(3))) if m else None
+    mb = _HEADER_BYTES.match(value)
+    if mb is None:
+        return None
+    return mb.group(1).decode("ascii"), mb.group(2).decode("ascii"), int(mb.group(3))
 
 
 def parse_header(value: str | bytes) -> tuple[str, int] | None:
-    """Return ``(key name, version)`` if ``value`` starts with our header, else None."""
+    """Return ``(key name, version)`` if ``value`` starts with our header (any format)."""
+    found = parse(value)
+    return None if found is None else (found[1], found[2])
+
+
+def looks_like_header(value: str | bytes) -> bool:
+    """True if ``value`` starts like a header of ours, possibly damaged (case, spaces, digit).
+
+    A plaintext-migration reader must refuse such a value rather than return it as plaintext:
+    it is almost certainly a ciphertext that was altered.
+    """
     if isinstance(value, str):
-        m = _HEADER.match(value)
-        return (m.group(1), int(m.group(2))) if m else None
-    mb = _HEADER_BYTES.match(value)
-    return (mb.group(1).decode("ascii"), int(mb.group(2))) if mb else None
+        return _HEADER_LIKE.match(value) is not None
+    return _HEADER_LIKE_BYTES.match(value) is not None
 
 
 def is_ciphertext(value: str | bytes) -> bool:
@@ -81,22 +121,104 @@ def is_ciphertext(value: str | bytes) -> bool:
     return mb is not None and len(value) - mb.end() >= NONCE_SIZE + TAG_SIZE
 
 
-def text_length(plaintext_bytes: int, name: str) -> int:
+def padded_size(size: int, pad: int) -> int:
+    """Bytes a plaintext of ``size`` bytes takes inside a kf2 value padded to ``pad``."""
+    size += 1  # the marker
+    return size if pad <= 1 else -(-size // pad) * pad
+
+
+def text_length(plaintext_bytes: int, name: str, pad: int = 0) -> int:
     """Characters a text column needs for a plaintext of at most ``plaintext_bytes`` bytes."""
     head = len(FORMAT) + len(name) + MAX_VERSION_DIGITS + 3
-    return head + _encoded_len(NONCE_SIZE + plaintext_bytes + TAG_SIZE)
+    return head + _encoded_len(NONCE_SIZE + padded_size(plaintext_bytes, pad) + TAG_SIZE)
 
 
-def binary_length(plaintext_bytes: int, name: str) -> int:
+def binary_length(plaintext_bytes: int, name: str, pad: int = 0) -> int:
     """Bytes a binary column needs for a plaintext of at most ``plaintext_bytes`` bytes."""
-    return (
-        len(FORMAT) + len(name) + MAX_VERSION_DIGITS + 3 + NONCE_SIZE + plaintext_bytes + TAG_SIZE
-    )
+    head = len(FORMAT) + len(name) + MAX_VERSION_DIGITS + 3
+    return head + NONCE_SIZE + padded_size(plaintext_bytes, pad) + TAG_SIZE
 
 
 def _encoded_len(n: int) -> int:
     return (4 * n + 2) // 3
 
+
+# Context -----------------------------------------------------------------------------------
+
+
+def _field(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return len(data).to_bytes(4, "big") + data
+
+
+def encode_context(
+    table: str, column: str, codec: str, row: Iterable[tuple[str, str]] = ()
+) -> bytes:
+    """The context part of a kf2 value's associated data (see the module docstring).
+
+    ``row``: (column name, value as text) of each other column of the row the value is bound to,
+    in the order the column declares them.
+    """
+    for what, text in (("table", table), ("column", column), ("codec", codec)):
+        if not isinstance(text, str) or not text:
+            raise ConfigurationError(f"the context needs a non-empty {what} name")
+    out = _field(table) + _field(column) + _field(codec)
+    for name, value in row:
+        out += _field(name) + _field(value)
+    return out
+
+
+# Codecs: how a Python value became bytes. Part of the context, so a value of one type never
+# decodes as another. The pads are the defaults for types with few possible values, so that a
+# value's length does not give it away (a string column pads only if asked).
+CODECS: Final = (
+    "str", "bytes", "json", "bool", "int", "float", "decimal", "date", "datetime", "time",
+    "interval", "uuid", "enum",
+)  # fmt: skip
+DEFAULT_PADS: Final = {
+    "bool": 16, "int": 16, "float": 32, "decimal": 32, "date": 16, "datetime": 48, "time": 16,
+    "interval": 32, "uuid": 0, "enum": 32,
+}  # fmt: skip
+
+
+def context_name(context: str | tuple[str, str]) -> tuple[str, str]:
+    """``"users.email"`` or ``("users", "email")`` as ``(table, column)``, checked."""
+    if isinstance(context, str):
+        table, dot, column = context.partition(".")
+        if not dot or "." in column:
+            raise ConfigurationError(
+                f"context={context!r}: write it as 'table.column' (one dot), or pass a "
+                "(table, column) tuple for names that contain dots"
+            )
+    elif isinstance(context, tuple) and len(context) == 2:
+        table, column = context
+    else:
+        raise ConfigurationError(
+            f"context must be 'table.column' or (table, column), got {context!r}"
+        )
+    if not (isinstance(table, str) and isinstance(column, str) and table and column):
+        raise ConfigurationError(f"context={context!r}: table and column must be non-empty")
+    return table, column
+
+
+# Padding -----------------------------------------------------------------------------------
+
+
+def pad(data: bytes, size: int) -> bytes:
+    """``data || 0x80 || 0x00*k``, a multiple of ``size`` bytes long (``size`` <= 1: no zeros)."""
+    zeros = padded_size(len(data), size) - len(data) - 1
+    return data + b"\x80" + bytes(zeros)
+
+
+def unpad(data: bytes) -> bytes | None:
+    """The data before the padding, or None if the padding is malformed."""
+    end = len(data.rstrip(b"\x00")) - 1
+    if end < 0 or data[end] != PAD_MARKER:
+        return None
+    return data[:end]
+
+
+# base64url ---------------------------------------------------------------------------------
 
 # binascii directly: the base64 module's wrappers cost more than the conversion itself.
 _TO_STANDARD = bytes.maketrans(b"-_", b"+/")
@@ -138,9 +260,10 @@ class DataKey:
     """One version of a data key, unwrapped, ready to encrypt and decrypt.
 
     The key bytes live only inside the AEAD object; the repr shows the name and version.
+    ``context`` arguments are the bytes of :func:`encode_context`; ``pad`` is the padding size.
     """
 
-    __slots__ = ("_aead", "header", "header_bytes", "name", "version")
+    __slots__ = ("_aead", "header", "header_bytes", "legacy_header", "name", "version")
 
     def __init__(self, name: str, version: int, key: bytes) -> None:
         if len(key) != KEY_SIZE:
@@ -151,6 +274,7 @@ class DataKey:
         self.version = version
         self.header = header(name, version)
         self.header_bytes = self.header.encode("ascii")
+        self.legacy_header = header(name, version, LEGACY_FORMAT)
         self._aead = AESGCMSIV(key)
 
     def __repr__(self) -> str:
@@ -158,58 +282,89 @@ class DataKey:
 
     # Encryption ---------------------------------------------------------------------------
 
-    def seal(self, plaintext: bytes) -> bytes:
-        """``nonce || ciphertext || tag`` with the header as associated data."""
-        return self._seal(plaintext, os.urandom(NONCE_SIZE))
+    def seal(self, plaintext: bytes, context: bytes, pad_to: int = 0) -> bytes:
+        """The kf2 body: ``nonce || AES-GCM-SIV(padded plaintext, aad = header || context)``."""
+        return self._seal(
+            pad(plaintext, pad_to), self.header_bytes + context, os.urandom(NONCE_SIZE)
+        )
 
-    def _seal(self, plaintext: bytes, nonce: bytes) -> bytes:
+    def _seal(self, padded: bytes, aad: bytes, nonce: bytes) -> bytes:
         # Separate from seal() so that known-answer tests can fix the nonce.
-        return nonce + self._aead.encrypt(nonce, plaintext, self.header_bytes)
+        return nonce + self._aead.encrypt(nonce, padded, aad)
 
-    def encrypt_text(self, plaintext: bytes) -> str:
-        return self.header + _b64url(self.seal(plaintext)).decode("ascii")
+    def encrypt_text(self, plaintext: bytes, context: bytes, pad_to: int = 0) -> str:
+        return self.header + _b64url(self.seal(plaintext, context, pad_to)).decode("ascii")
 
-    def encrypt_binary(self, plaintext: bytes) -> bytes:
-        return self.header_bytes + self.seal(plaintext)
+    def encrypt_binary(self, plaintext: bytes, context: bytes, pad_to: int = 0) -> bytes:
+        return self.header_bytes + self.seal(plaintext, context, pad_to)
 
-    def encrypt_many(self, plaintexts: Sequence[bytes], *, binary: bool = False) -> list[Any]:
+    def encrypt_many(
+        self,
+        plaintexts: Sequence[bytes],
+        contexts: Sequence[bytes] | bytes,
+        *,
+        pad_to: int = 0,
+        binary: bool = False,
+    ) -> list[Any]:
         """``encrypt_text`` (or ``encrypt_binary``) of each plaintext, in one loop.
 
-        For batch jobs: the nonces come from one ``os.urandom`` call (independent random bytes
-        either way), and the per-value method calls are gone, about a fifth of the cost.
+        ``contexts``: one context for all values, or one per value (row-bound columns). For
+        batch jobs: the nonces come from one ``os.urandom`` call and the per-value method calls
+        are gone, about a fifth of the cost.
         """
         nonces = os.urandom(NONCE_SIZE * len(plaintexts))
         seal, head, head_bytes = self._seal, self.header, self.header_bytes
+        shared = head_bytes + contexts if isinstance(contexts, bytes) else None
         out: list[Any] = []
         for i, plaintext in enumerate(plaintexts):
-            body = seal(plaintext, nonces[NONCE_SIZE * i : NONCE_SIZE * (i + 1)])
+            aad = shared if shared is not None else head_bytes + contexts[i]
+            body = seal(pad(plaintext, pad_to), aad, nonces[NONCE_SIZE * i : NONCE_SIZE * (i + 1)])
             out.append(head_bytes + body if binary else head + _b64url(body).decode("ascii"))
         return out
 
     # Decryption ---------------------------------------------------------------------------
 
-    def open(self, body: bytes) -> bytes:
-        """Decrypt ``nonce || ciphertext || tag``; raises DecryptionError naming this key."""
+    def open(self, body: bytes, context: bytes | None) -> bytes:
+        """Decrypt a body; ``context`` None means a kf1 body (header-only AAD, no padding)."""
         if len(body) < NONCE_SIZE + TAG_SIZE:
             raise self._error("the value is truncated")
+        aad = self.legacy_header.encode("ascii") if context is None else self.header_bytes + context
         try:
-            return self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], self.header_bytes)
+            padded = self._aead.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad)
         except InvalidTag:
             raise self._error(
-                "authentication failed (the stored value was altered, or was not written "
-                "under this key version)"
+                "authentication failed (the stored value was altered, moved from another "
+                "table, column, type or row, or was not written under this key version)"
             ) from None
+        if context is None:
+            return padded
+        data = unpad(padded)
+        if data is None:
+            raise self._error("authenticated, but its padding is malformed")
+        return data
 
-    def decrypt_text(self, value: str) -> bytes:
-        """Decrypt a text value whose header is this key's (the caller matched it)."""
+    def decrypt_text(self, value: str, context: bytes) -> bytes:
+        """Decrypt a text value under this key (kf2 with ``context``, or kf1)."""
+        if value.startswith(self.header):
+            start, ctx = len(self.header), context
+        elif value.startswith(self.legacy_header):
+            start, ctx = len(self.legacy_header), None
+        else:
+            raise self._error("the value's header is not this key version's")
         try:
-            body = b64decode(value[len(self.header) :])
+            body = b64decode(value[start:])
         except ValueError:
             raise self._error("the body is not valid base64url") from None
-        return self.open(body)
+        return self.open(body, ctx)
 
-    def decrypt_binary(self, value: bytes) -> bytes:
-        return self.open(value[len(self.header_bytes) :])
+    def decrypt_binary(self, value: bytes, context: bytes) -> bytes:
+        """Decrypt a binary value under this key (kf2 with ``context``, or kf1)."""
+        if value.startswith(self.header_bytes):
+            return self.open(value[len(self.header_bytes) :], context)
+        legacy = self.legacy_header.encode("ascii")
+        if value.startswith(legacy):
+            return self.open(value[len(legacy) :], None)
+        raise self._error("the value's header is not this key version's")
 
     def _error(self, reason: str) -> DecryptionError:
         return DecryptionError(

@@ -122,6 +122,7 @@ class _EncryptedType(TypeDecorator[T]):
     context: tuple[str, str] | None
     pad: int
     _column: sa.Column[Any] | None = None
+    _copy = False
     _context_bytes: bytes | None = None
 
     def _setup(
@@ -146,18 +147,20 @@ class _EncryptedType(TypeDecorator[T]):
         super()._set_parent(parent, outer=outer, **kw)
         if not isinstance(parent, sa.Column):
             return
-        if self._column is not None and self._column is not parent:
+        if self._column is not None and self._column is not parent and not self._copy:
             raise ConfigurationError(
                 f"this {type(self).__name__} is already the type of column "
                 f"{self._column.name!r}; give each encrypted column a type instance of its own "
                 "(values are bound to their column)"
             )
-        self._column = parent
+        self._column, self._copy = parent, False
+        self.__dict__.pop("_context_bytes", None)
 
     def copy(self, **kw: Any) -> Any:
+        # Copies serve a column's dialect-specific form (same column) or a copied Column
+        # (which attaches the copy to itself next): both keep the place until re-attached.
         other = super().copy(**kw)
-        other.__dict__.pop("_column", None)
-        other.__dict__.pop("_context_bytes", None)
+        other._copy = True
         return other
 
     def place(self) -> tuple[str, str]:

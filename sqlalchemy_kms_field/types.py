@@ -22,7 +22,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import Label, UnaryExpression
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from . import envelope
+from . import envelope, row_binding
 from .blind_index import rewrite_comparison
 from .envelope import DataKey
 from .exc import (
@@ -34,6 +34,7 @@ from .exc import (
     UnsupportedOperationError,
 )
 from .registry import get_registry
+from .row_binding import Sealed
 
 T = TypeVar("T")
 
@@ -132,8 +133,19 @@ class _EncryptedType(TypeDecorator[T]):
         context: str | tuple[str, str] | None,
         pad: int | None,
         default_pad: int = 0,
+        bind_to: tuple[str, ...] | list[str] | str = (),
     ) -> None:
         self.key = envelope.check_key_name(key)
+        names = (bind_to,) if isinstance(bind_to, str) else tuple(bind_to)
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ConfigurationError(f"bind_to must name distinct columns, got {bind_to!r}")
+        if names and self._binary:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot be bound to other columns of its row (bind_to): "
+                "a binary value cannot be read together with them; use EncryptedText or "
+                "EncryptedString for a row-bound value"
+            )
+        self.bind_to = names
         self.accept_plaintext = bool(accept_plaintext)
         self.context = None if context is None else envelope.context_name(context)
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
@@ -177,6 +189,46 @@ class _EncryptedType(TypeDecorator[T]):
             )
         return table.name, col.name
 
+    def row_context(self, row: list[tuple[str, str]]) -> bytes:
+        """The context of a row-bound value: this column's, plus the bound columns' text."""
+        table, column = self.place()
+        return envelope.encode_context(table, column, self.codec, row)
+
+    def encrypt_for_row(self, value: Any, row: list[tuple[str, str]]) -> Any:
+        """The stored form of ``value`` bound to ``row`` (used by the row-binding hook)."""
+        self._check_bind_to()
+        data = self._serialize(value)
+        key = get_registry().active_key(self.key)
+        return key.encrypt_text(data, self.row_context(row), self.pad)
+
+    def _check_bind_to(self) -> None:
+        col = self._column
+        if col is None or not isinstance(col.table, sa.Table):
+            self.place()  # raises, naming the fix
+            return
+        for name in self.bind_to:
+            bound = col.table.c.get(name)
+            if bound is None:
+                raise ConfigurationError(
+                    f"{self._where()} is bound to column {name!r} (bind_to), which table "
+                    f"{col.table.name!r} does not have"
+                )
+            if bound is col.table.autoincrement_column:
+                raise ConfigurationError(
+                    f"{self._where()} cannot be bound to {name!r}: it is an autoincrement key, "
+                    "unknown until the row is inserted; bind to a client-side key (a UUID "
+                    "with default=uuid.uuid4) or a tenant id instead"
+                )
+
+    @property
+    def _has_column_expression(self) -> bool:
+        return bool(self.bind_to)
+
+    def column_expression(self, colexpr: Any) -> Any:
+        if not self.bind_to:
+            return None
+        return row_binding.read_expression(self, colexpr)
+
     def context_bytes(self) -> bytes:
         """The associated-data context of this column's values (computed once)."""
         ctx = self._context_bytes
@@ -208,6 +260,10 @@ class _EncryptedType(TypeDecorator[T]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
+        if value.__class__ is Sealed:
+            return value.value
+        if self.bind_to:
+            raise self._unbound_write()
         data = self._serialize(value)
         ctx = self.context_bytes()
         key = get_registry().active_key(self.key)
@@ -224,11 +280,16 @@ class _EncryptedType(TypeDecorator[T]):
             value = bytes(value)
         elif not isinstance(value, str):
             raise self._not_ours(value)
+        ctx: bytes | None = None
+        if self.bind_to:
+            value, row = row_binding.split(self, value)
+            ctx = self.row_context(row)
         found = envelope.parse(value)
         if found is None:
             return self._plaintext_or_fail(value)
         key = self._key(found[1], found[2])
-        ctx = self.context_bytes()
+        if ctx is None:
+            ctx = self.context_bytes()
         try:
             data = key.decrypt_binary(value, ctx) if self._binary else key.decrypt_text(value, ctx)
         except DecryptionError as exc:
@@ -249,9 +310,16 @@ class _EncryptedType(TypeDecorator[T]):
     # The same, without TypeDecorator's layers per value (they cost about as much as the
     # cipher): used where the impl type has no processor of its own, as with every driver here.
 
+    def _unbound_write(self) -> EncryptionError:
+        return EncryptionError(
+            f"{self._where()} is bound to {', '.join(self.bind_to)} of its row, but this write "
+            "did not go through the row-binding hook (an upsert's SET, a bindparam without "
+            "the row?); write it with insert()/update() and the bound columns' values"
+        )
+
     def bind_processor(self, dialect: Dialect) -> Any:
         general = super().bind_processor(dialect)
-        if general is None or self._impl_processes(dialect, "bind"):
+        if general is None or self.bind_to or self._impl_processes(dialect, "bind"):
             return general
         serialize, name, binary, pad = self._serialize, self.key, self._binary, self.pad
         context_bytes = self.context_bytes
@@ -269,7 +337,9 @@ class _EncryptedType(TypeDecorator[T]):
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         general = super().result_processor(dialect, coltype)
-        if general is None or self._binary or self._impl_processes(dialect, "result", coltype):
+        if general is None or self._binary or self.bind_to:
+            return general
+        if self._impl_processes(dialect, "result", coltype):
             return general
         deserialize, name, context_bytes = self._deserialize, self.key, self.context_bytes
 
@@ -366,6 +436,8 @@ class _EncryptedType(TypeDecorator[T]):
         if self.context is not None:
             dotted = any("." in part for part in self.context)
             args.append(f"context={self.context if dotted else '.'.join(self.context)!r}")
+        if self.bind_to:
+            args.append(f"bind_to={self.bind_to!r}")
         if self._explicit_pad is not None:
             args.append(f"pad={self._explicit_pad}")
         if self.accept_plaintext:
@@ -397,8 +469,9 @@ class EncryptedString(_EncryptedType[str]):
         *,
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
-        self._setup(key, accept_plaintext, context, pad)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
         self.length = length
         if length is None:
             super().__init__()
@@ -477,8 +550,9 @@ class EncryptedBytes(_EncryptedType[bytes]):
         *,
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
-        self._setup(key, accept_plaintext, context, pad)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
         self.length = length
         if length is None:
             super().__init__()
@@ -533,8 +607,9 @@ class EncryptedJSON(_EncryptedType[Any]):
         *,
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
-        self._setup(key, accept_plaintext, context, pad)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
         super().__init__()
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
@@ -660,10 +735,12 @@ class Encrypted(_EncryptedType[Any]):
         *,
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
         self.inner = sa.types.to_instance(inner)
         self.codec, self._py_type, self._encode, self._decode = _codec(self.inner)
-        self._setup(key, accept_plaintext, context, pad, _default_pad(self.codec, self.inner))
+        default_pad = _default_pad(self.codec, self.inner)
+        self._setup(key, accept_plaintext, context, pad, default_pad, bind_to=bind_to)
         super().__init__(envelope.text_length(255, self.key, self.pad))
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:

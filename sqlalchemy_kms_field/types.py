@@ -18,8 +18,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.sql import operators
+from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import Label, UnaryExpression
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from . import envelope, row_binding
@@ -79,8 +80,9 @@ class _Comparator(TypeDecorator.Comparator[Any]):
 
 
 @event.listens_for(Engine, "before_execute")
-def _refuse_ordering(conn: Any, clauseelement: Any, *args: Any) -> None:
-    """A bare ``order_by(col)``/``group_by(col)`` never reaches the comparator: check here."""
+def _refuse_meaningless(conn: Any, clauseelement: Any, *args: Any) -> None:
+    """What never reaches the comparator: a bare ``order_by(col)``/``group_by(col)``, SQL
+    functions of an encrypted column (``func.lower(col)``, ``func.max(col)``) and DISTINCT."""
     for clause in (
         *getattr(clauseelement, "_order_by_clauses", ()),
         *getattr(clauseelement, "_group_by_clauses", ()),
@@ -93,6 +95,38 @@ def _refuse_ordering(conn: Any, clauseelement: Any, *args: Any) -> None:
                 f"cannot ORDER BY or GROUP BY encrypted column {_describe(element)}: values are "
                 "encrypted with random nonces, so their order and equality mean nothing"
             )
+    distinct = bool(getattr(clauseelement, "_distinct", False))
+    for column in getattr(clauseelement, "_raw_columns", ()):
+        if distinct and isinstance(getattr(column, "type", None), _EncryptedType):
+            raise UnsupportedOperationError(
+                f"cannot SELECT DISTINCT encrypted column {_describe(column)}: equal values "
+                "have different ciphertexts"
+            )
+        if isinstance(column, (FunctionElement, UnaryExpression, Label)):
+            _refuse_functions_of(column)
+    where = getattr(clauseelement, "whereclause", None)
+    if where is not None:
+        _refuse_functions_of(where)
+
+
+def _refuse_functions_of(expr: Any) -> None:
+    """Refuse a SQL function (or DISTINCT) applied to an encrypted column; ``count`` is fine
+    (it counts non-NULL values, which are NULL in the clear)."""
+    for node in visitors.iterate(expr):
+        if isinstance(node, FunctionElement) and getattr(node, "name", "") != "count":
+            what = f"SQL function {getattr(node, 'name', 'function')}()"
+        elif isinstance(node, UnaryExpression) and node.operator is operators.distinct_op:
+            what = "DISTINCT"
+        else:
+            continue
+        for inner in visitors.iterate(node):
+            if isinstance(getattr(inner, "type", None), _EncryptedType) and isinstance(
+                inner, sa.ColumnClause
+            ):
+                raise UnsupportedOperationError(
+                    f"cannot apply {what} to encrypted column {_describe(inner)}: the database "
+                    "sees only ciphertext; compute it in Python after reading the values"
+                )
 
 
 def _same_column(expr: Any, other: Any) -> bool:

@@ -468,6 +468,27 @@ def test_order_by_an_encrypted_column_is_refused(
                 session.execute(statement()).all()
 
 
+def test_sql_functions_and_distinct_on_an_encrypted_column_are_refused(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    """max(), lower() and DISTINCT would run on ciphertext and return nonsense (issue 11)."""
+    with engine.begin() as conn:
+        conn.execute(PEOPLE.insert(), [{"id": 1, "email": "b"}, {"id": 2, "email": "b"}])
+    refused = [
+        lambda: sa.select(sa.func.max(PEOPLE.c.email)),
+        lambda: sa.select(sa.func.lower(PEOPLE.c.email).label("l")),
+        lambda: sa.select(PEOPLE.c.email).distinct(),
+        lambda: sa.select(sa.func.count(sa.distinct(PEOPLE.c.email))),
+        lambda: sa.select(PEOPLE.c.id).where(sa.func.lower(PEOPLE.c.email) == "b"),
+    ]
+    with engine.connect() as conn:
+        for statement in refused:
+            with pytest.raises(kf.UnsupportedOperationError, match=r"people\.email"):
+                conn.execute(statement())
+        # Counting non-NULL values is meaningful: NULL is NULL in the clear.
+        assert conn.execute(sa.select(sa.func.count(PEOPLE.c.email))).scalar_one() == 2
+
+
 def test_null_checks_work(engine: sa.Engine, registry: kf.KeyRegistry) -> None:
     with engine.begin() as conn:
         conn.execute(

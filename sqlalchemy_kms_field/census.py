@@ -83,6 +83,22 @@ def prefix(key: str, version: int, binary: bool) -> str | bytes:
     return head.encode("ascii") if binary else head
 
 
+def _on_version(
+    col: sa.ColumnElement[Any], key: str, version: int, binary: bool
+) -> sa.ColumnElement[bool]:
+    """The value is under ``key`` ``version``: a stored value, or a blind-index value in
+    either of its formats (``kf2``, context-bound, and ``kf1`` of older releases)."""
+    on = starts_with(col, prefix(key, version, binary))
+    if binary:
+        return on
+    index_header = envelope.IndexKey.header_for(key, version)
+    return (
+        on
+        if index_header == prefix(key, version, binary)
+        else sa.or_(on, starts_with(col, index_header))
+    )
+
+
 def starts_with(column: sa.ColumnElement[Any], value: str | bytes) -> sa.ColumnElement[bool]:
     """``column`` starts with ``value``, exactly (no LIKE wildcards, case-sensitive on MySQL)."""
     typ: sa.types.TypeEngine[Any] = sa.LargeBinary() if isinstance(value, bytes) else sa.String()
@@ -113,8 +129,7 @@ def count_versions(
     binary = is_binary(col)
     versions = sorted(set(versions))
     counts = [
-        sa.func.sum(sa.case((starts_with(col, prefix(ref.key, v, binary)), 1), else_=0))
-        for v in versions
+        sa.func.sum(sa.case((_on_version(col, ref.key, v, binary), 1), else_=0)) for v in versions
     ]
     row = conn.execute(
         sa.select(sa.func.count(), sa.func.count(col), *counts).select_from(table)

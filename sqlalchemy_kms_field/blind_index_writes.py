@@ -119,18 +119,40 @@ def _fill_upsert(
     refused, since the index would keep the old value's index (the old email would still find
     the row, and uniqueness would break).
     """
+    clauses = _upsert_clauses(stmt)
+    changed = [_fill_upsert_clause(c, source, index, typ, where) for c in clauses]
+    if all(new is old for new, old in zip(changed, clauses, strict=True)):
+        return stmt
+    stmt = stmt._generate()  # a copy: the application's statement stays as it was
+    if hasattr(stmt, "apply_syntax_extension_point"):  # SQLAlchemy 2.1
+        stmt.apply_syntax_extension_point(lambda existing: changed, "post_values")
+    else:
+        stmt._post_values_clause = changed[0]
+    return stmt
+
+
+def _upsert_clauses(stmt: Insert) -> list[Any]:
+    """The ON CONFLICT / ON DUPLICATE KEY clauses of ``stmt`` (SQLite allows several)."""
     clause = stmt._post_values_clause
+    if clause is None:
+        return []
+    return list(getattr(clause, "clauses", None) or [clause])
+
+
+def _fill_upsert_clause(
+    clause: Any, source: str, index: sa.Column[Any], typ: BlindIndex, where: str
+) -> Any:
     sets: dict[Any, Any] | None = getattr(clause, "update_values_to_set", None)
     if sets is None:
         sets = getattr(clause, "update", None)  # MySQL's OnDuplicateClause
     if not sets:
-        return stmt
+        return clause  # DO NOTHING, or not an upsert
     value = next((v for k, v in sets.items() if getattr(k, "key", k) == source), None)
     if value is None:
-        return stmt
+        return clause
     new = {k: v for k, v in sets.items() if getattr(k, "key", k) != index.key}
     new[index.key] = _upsert_index_value(value, source, index, typ, where)
-    return _with_upsert_sets(stmt, clause, new)
+    return _with_upsert_sets(clause, new)
 
 
 def _upsert_index_value(
@@ -139,8 +161,8 @@ def _upsert_index_value(
     alias = getattr(value, "table", None)
     if (
         isinstance(alias, sa.Alias)
-        and getattr(value, "key", None) == source
-        and alias.element is index.table
+        and isinstance(value, sa.ColumnElement)
+        and value.shares_lineage(index.table.c[source])  # excluded.email, also of an entity
         and index.key in alias.c
     ):
         return alias.c[index.key]  # excluded.email -> excluded.email_index
@@ -156,9 +178,8 @@ def _upsert_index_value(
     )
 
 
-def _with_upsert_sets(stmt: Insert, clause: Any, sets: dict[Any, Any]) -> Insert:
-    """``stmt`` with its ON CONFLICT / ON DUPLICATE KEY clause setting ``sets`` instead."""
-    new: Any
+def _with_upsert_sets(clause: Any, sets: dict[Any, Any]) -> Any:
+    """A copy of ON CONFLICT / ON DUPLICATE KEY ``clause`` that sets ``sets`` instead."""
     if hasattr(clause, "update_values_to_set"):  # PostgreSQL or SQLite
         kwargs = {
             "index_elements": clause.inferred_target_elements,
@@ -166,19 +187,13 @@ def _with_upsert_sets(stmt: Insert, clause: Any, sets: dict[Any, Any]) -> Insert
             "set_": sets,
             "where": clause.update_whereclause,
         }
-        if clause.constraint_target is not None:  # PostgreSQL only
+        if getattr(clause, "constraint_target", None) is not None:  # PostgreSQL only
             kwargs.update(constraint=clause.constraint_target, index_elements=None)
-        new = type(clause)(**kwargs)
-    else:
-        order = clause._parameter_ordering or []
-        ordered = [(k, sets[k]) for k in order if k in sets]  # as the application asked
-        ordered += [(k, v) for k, v in sets.items() if k not in order]
-        new = type(clause)(clause.inserted_alias, ordered if order else sets)
-    if hasattr(stmt, "ext"):  # SQLAlchemy 2.1: the clause is a syntax extension
-        return stmt.ext(new)
-    stmt = stmt._generate()
-    stmt._post_values_clause = new
-    return stmt
+        return type(clause)(**kwargs)
+    order = clause._parameter_ordering or []
+    ordered = [(k, sets[k]) for k in order if k in sets]  # as the application asked
+    ordered += [(k, v) for k, v in sets.items() if k not in order]
+    return type(clause)(clause.inserted_alias, ordered if order else sets)
 
 
 # Uniqueness across the forms of an index value ----------------------------------------------

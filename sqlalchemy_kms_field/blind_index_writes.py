@@ -9,6 +9,8 @@ expression assigned to the source) is refused, naming the fix.
 
 from __future__ import annotations
 
+import time
+import weakref
 from typing import Any
 
 import sqlalchemy as sa
@@ -17,7 +19,9 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.dml import Insert, Update
 
+from . import census
 from .blind_index import BlindIndex, index_columns, index_table
+from .envelope import IndexKey
 from .exc import EncryptionError, KmsFieldError
 from .registry import get_registry
 
@@ -219,12 +223,16 @@ def _check_other_forms(
     it), or the value under an older index-key version (while a rotation's reindex runs). Look
     for those before inserting; the row an upsert updates (same primary key) does not count."""
     keys = get_registry().index_keys(typ.key)
+    legacy = _may_hold_legacy(conn, index)
+    if len(keys) < 2 and not legacy:
+        return
     fields, n = typ.context_fields(where), typ._nbytes
     others: dict[str, int] = {}  # index value in another form -> position in ``written``
     for i, (plain, _) in enumerate(written):
         data = typ._data(plain)
         for k in keys:
-            others[k.compute_legacy(data, n)] = i
+            if legacy:
+                others[k.compute_legacy(data, n)] = i
             if k is not keys[0]:
                 others[k.compute(data, n, fields)] = i
     pk = list(index.table.primary_key.columns)
@@ -240,6 +248,31 @@ def _check_other_forms(
                     f"index key {typ.key!r} (an older version, or a value not reindexed yet)"
                 ),
             )
+
+
+# engine -> (schema, table, column) -> (the column may hold kf1 values, until when to believe it)
+_legacy: weakref.WeakKeyDictionary[Engine, dict[tuple[str | None, str, str], tuple[bool, float]]]
+_legacy = weakref.WeakKeyDictionary()
+
+
+def _may_hold_legacy(conn: Connection, index: sa.Column[Any]) -> bool:
+    """True unless this process has seen that ``index`` holds no ``kf1`` value.
+
+    Once none is left (reindexed, or never any), none comes back: this release writes kf2 only
+    (upgrade every process before reindexing). So the probe, one scan, runs once per process
+    and column; while kf1 values remain it runs again every ``active_ttl``.
+    """
+    known = _legacy.setdefault(conn.engine, {})
+    where = (index.table.schema, index.table.name, index.name)
+    found, until = known.get(where, (True, 0.0))
+    if time.monotonic() < until:
+        return found
+    probe = sa.select(sa.literal(1)).select_from(index.table)
+    probe = probe.where(census.starts_with(index, f"{IndexKey.LEGACY_FORMAT}:")).limit(1)
+    found = conn.execute(probe).first() is not None
+    ttl = get_registry().active_ttl if found else float("inf")
+    known[where] = (found, time.monotonic() + ttl)
+    return found
 
 
 class DuplicateIndexValue(KmsFieldError):

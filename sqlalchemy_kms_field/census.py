@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import envelope
+from .envelope import IndexKey
 from .exc import ConfigurationError
 
 _metadata = sa.MetaData()
@@ -88,15 +89,10 @@ def _on_version(
 ) -> sa.ColumnElement[bool]:
     """The value is under ``key`` ``version``: a stored value, or a blind-index value in
     either of its formats (``kf2``, context-bound, and ``kf1`` of older releases)."""
-    on = starts_with(col, prefix(key, version, binary))
-    if binary:
-        return on
-    index_header = envelope.IndexKey.header_for(key, version)
-    return (
-        on
-        if index_header == prefix(key, version, binary)
-        else sa.or_(on, starts_with(col, index_header))
-    )
+    heads = {prefix(key, version, binary)}
+    if not binary:
+        heads |= {f"{fmt}:{key}:{version}:" for fmt in (IndexKey.LEGACY_FORMAT, IndexKey.FORMAT)}
+    return sa.or_(*(starts_with(col, head) for head in sorted(heads, key=str)))
 
 
 def starts_with(column: sa.ColumnElement[Any], value: str | bytes) -> sa.ColumnElement[bool]:

@@ -149,6 +149,27 @@ def _normalizer(spec: NormalizerSpec) -> tuple[Normalizer, str]:
     return normalize, "builtin:" + ",".join(names)
 
 
+def _context_name(context: str | tuple[str, str]) -> tuple[str, str]:
+    """``"users.email"`` or ``("users", "email")`` as ``(table, column)``, checked (the same
+    rule as the encrypted column types' ``context=``)."""
+    if isinstance(context, str):
+        table, dot, column = context.partition(".")
+        if not dot or "." in column:
+            raise ConfigurationError(
+                f"context={context!r}: write it as 'table.column' (one dot), or pass a "
+                "(table, column) tuple for names that contain dots"
+            )
+    elif isinstance(context, tuple) and len(context) == 2:
+        table, column = context
+    else:
+        raise ConfigurationError(
+            f"context must be 'table.column' or (table, column), got {context!r}"
+        )
+    if not (isinstance(table, str) and isinstance(column, str) and table and column):
+        raise ConfigurationError(f"context={context!r}: table and column must be non-empty")
+    return table, column
+
+
 def table_name(column: Any) -> str | None:
     """The name of the one Table that ``column`` (a Table's, an alias's) belongs to."""
     names = {
@@ -183,14 +204,11 @@ class BlindIndex(TypeDecorator[str]):
         key: str,
         normalizer: NormalizerSpec | list[str] = "exact",
         bits: int = 256,
-        context: str | None = None,
+        context: str | tuple[str, str] | None = None,
     ) -> None:
         if not isinstance(bits, int) or bits % 8 or not 16 <= bits <= 256:
             raise ConfigurationError(f"bits must be a multiple of 8 from 16 to 256, got {bits}")
-        if context is not None and (not isinstance(context, str) or not context.strip()):
-            raise ConfigurationError(
-                f"context must be a non-empty string such as 'users.email', got {context!r}"
-            )
+        self._place = None if context is None else _context_name(context)
         self.source = source
         self.key = envelope.check_key_name(key)
         self.normalizer: NormalizerSpec = (
@@ -201,7 +219,7 @@ class BlindIndex(TypeDecorator[str]):
         self._normalize, self._normalizer_id = _normalizer(self.normalizer)
         self._nbytes = bits // 8
         self._columns: tuple[sa.Column[Any], ...] = ()  # the columns this type is on
-        self._fields: dict[str, tuple[str, ...]] = {}  # table name -> context fields
+        self._fields: dict[str, tuple[str, ...]] = {}  # table name -> context_fields()
         head = len(envelope.IndexKey.header_for(self.key, 10**envelope.MAX_VERSION_DIGITS - 1))
         self._length = head + len(envelope.b64encode(bytes(self._nbytes)))
         super().__init__(self._length)
@@ -242,16 +260,16 @@ class BlindIndex(TypeDecorator[str]):
         return self.bits == 256
 
     def context_fields(self, table: str | None = None) -> tuple[str, ...]:
-        """What the index values are bound to: context, normalizer identity and bits.
+        """What the index values are bound to: table, column, normalizer identity and bits.
 
-        The context is ``context=`` if given, else ``"<table>.<source>"``; ``table`` defaults to
-        the table this type's column is on.
+        Table and column are those of ``context=`` if given, else ``table`` (by default the
+        table this type's column is on) and the source column.
         """
         name = table if table is not None else self._attached_table()
         fields = self._fields.get(name)
         if fields is None:
-            context = self.context or f"{name}.{self.source}"
-            fields = self._fields[name] = (context, self._normalizer_id, str(self.bits))
+            place = self._place or (name, self.source)
+            fields = self._fields[name] = (*place, self._normalizer_id, str(self.bits))
         return fields
 
     def _attached_table(self) -> str:

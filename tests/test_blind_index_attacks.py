@@ -210,12 +210,14 @@ def test_index_values_are_derived_as_documented(
     data = ADMIN.encode()
     assert stored == {
         "accounts": expected_value(
-            key, 1, ["atk_accounts.email", "builtin:email", "256"], data, 32
+            key, 1, ["atk_accounts", "email", "builtin:email", "256"], data, 32
         ),
         "recovery": expected_value(
-            key, 1, ["atk_accounts.recovery", "builtin:email", "256"], data, 32
+            key, 1, ["atk_accounts", "recovery", "builtin:email", "256"], data, 32
         ),
-        "digests": expected_value(key, 1, ["atk_accounts.email", "builtin:email", "128"], data, 16),
+        "digests": expected_value(
+            key, 1, ["atk_accounts", "email", "builtin:email", "128"], data, 16
+        ),
     }
     # Length prefixes: moving a character from one field to the next changes the key.
     index_key = registry.index_keys(KEY)[0]
@@ -304,9 +306,14 @@ def test_a_blind_index_that_cannot_know_its_table_refuses(registry: kf.KeyRegist
     with pytest.raises(kf.ConfigurationError, match=r"\['atk_one', 'atk_two'\]"):
         shared.compute(ADMIN)
     assert shared.compute(ADMIN, table="atk_one") != shared.compute(ADMIN, table="atk_two")
-    for bad in ("", "  ", 5):
+    for bad in ("", "users", "a.b.c", ".email", ("users",), ("users", ""), 5):
         with pytest.raises(kf.ConfigurationError, match="context"):
             kf.BlindIndex("email", key=KEY, context=bad)  # type: ignore[arg-type]
+    # A tuple for names with dots; the same place either way.
+    dotted = kf.BlindIndex("email", key=KEY, context=("my.accounts", "email"))
+    assert dotted.context_fields()[:2] == ("my.accounts", "email")
+    plain = kf.BlindIndex("email", key=KEY, context="atk_accounts.email")
+    assert plain.compute(ADMIN) == shared.compute(ADMIN, table="atk_accounts")
 
 
 def test_an_explicit_context_keeps_lookups_working_across_a_rename(

@@ -1,7 +1,7 @@
 """Blind indexes: find rows by an encrypted value, and enforce uniqueness, without decrypting.
 
-A blind index is a companion column holding ``HMAC-SHA256(index key, normalize(plaintext))``
-under an index key of its own (wrapped by the master key like data keys, but never touched by a
+A blind index is a companion column holding ``HMAC-SHA256(K, normalize(plaintext))`` under an
+index key of its own (wrapped by the master key like data keys, but never touched by a
 data-key rotation)::
 
     class User(Base):
@@ -12,30 +12,31 @@ data-key rotation)::
 
     session.scalars(select(User).where(User.email == "Ann@Example.com"))   # via the index
 
-Writes fill the index column by themselves: the ORM, Core ``insert()``/``update()`` with
-parameters or ``.values()``, and executemany, all go through one ``before_execute`` hook. An
-index value carries its index-key version in a header (``kf1:email-index:2:…``); lookups match
-every live version, so an index-key rotation keeps lookups working at every moment while
-``reindex`` recomputes the column in resumable batches.
+``K`` is derived from the index key and the index's context (logical table and column,
+normalizer, bits; see :class:`~sqlalchemy_kms_field.envelope.IndexKey`), so index values are
+bound to their column: the same email in two columns, or under two truncations, gives
+unrelated values. Writes fill the index column by themselves (see ``blind_index_writes``). An
+index value carries its index-key version in a header (``kf2:email-index:2:…``); lookups match
+every live version, and the ``kf1`` values of older releases, so an index-key rotation or an
+upgrade keeps lookups working at every moment while ``reindex`` recomputes the column in
+resumable batches.
 """
 
 from __future__ import annotations
 
+import importlib
+import re
 import unicodedata
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.orm import Mapper
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.types import TypeDecorator
 
 from . import envelope
-from .exc import ConfigurationError, EncryptionError, KmsFieldError, UnsupportedOperationError
+from .exc import ConfigurationError, UnsupportedOperationError
 from .registry import get_registry
 
 Normalizer = Callable[[str], str]
@@ -54,25 +55,129 @@ NORMALIZERS: dict[str, Normalizer] = {
     "email": _email,  # NFKC, no surrounding spaces, lowercased: Ann@Example.COM = ann@example.com
 }
 
+_REF = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")
 
-def _normalizer(spec: str | Sequence[str] | Normalizer) -> Normalizer:
+
+class NormalizerRef:
+    """A custom normalizer named ``"package.module:function"``, imported when first called.
+
+    Autogenerate renders a ``BlindIndex`` whose normalizer is a function with a reference in its
+    place: the migration creates the column without importing the application (a normalizer
+    does not change the DDL), and an index computed through the reference (a reindex in a
+    migration) equals the function's own, since the name is what binds index values to it.
+    """
+
+    __slots__ = ("_function", "name")
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not _REF.fullmatch(name):
+            raise ConfigurationError(f"NormalizerRef needs 'package.module:function', got {name!r}")
+        self.name = name
+        self._function: Normalizer | None = None
+
+    def __call__(self, value: str) -> str:
+        return (self._function or self._resolve())(value)
+
+    def _resolve(self) -> Normalizer:
+        module_name, _, path = self.name.partition(":")
+        try:
+            found: Any = importlib.import_module(module_name)
+            for part in path.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigurationError(
+                f"cannot import the custom normalizer {self.name!r} ({type(exc).__name__}): "
+                "make that module importable here, or pass the function itself as normalizer="
+            ) from None
+        if not callable(found):
+            raise ConfigurationError(f"the custom normalizer {self.name!r} is not a function")
+        self._function = found
+        return found  # type: ignore[no-any-return]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, NormalizerRef) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash((NormalizerRef, self.name))
+
+    def __repr__(self) -> str:
+        # Fully qualified: Alembic renders a type as "sqlalchemy_kms_field." + its repr, and the
+        # migration imports sqlalchemy_kms_field (render_item), which imports this module.
+        return f"sqlalchemy_kms_field.blind_index.NormalizerRef({self.name!r})"
+
+
+def _function_ref(function: Callable[..., Any]) -> NormalizerRef:
+    """The reference that names ``function``; refused where no name can find it again."""
+    module = getattr(function, "__module__", None) or "builtins"
+    qualname = getattr(function, "__qualname__", "")
+    if "<" in qualname or not _REF.fullmatch(f"{module}:{qualname}"):
+        raise ConfigurationError(
+            f"a custom normalizer must be a function defined at module level (got "
+            f"{qualname or function!r} in {module}): its module and name identify its index "
+            "values and let migrations refer to it; define it with def at module level"
+        )
+    return NormalizerRef(f"{module}:{qualname}")
+
+
+NormalizerSpec = str | tuple[str, ...] | Normalizer
+
+
+def _normalizer(spec: NormalizerSpec) -> tuple[Normalizer, str]:
+    """The normalizing function of ``spec`` and its identity (part of every index value's key):
+    ``builtin:email``, ``builtin:strip,casefold`` or ``function:package.module:function``."""
+    if isinstance(spec, NormalizerRef):
+        return spec, f"function:{spec.name}"
     if callable(spec):
-        return spec
+        return spec, f"function:{_function_ref(spec).name}"
     names = [spec] if isinstance(spec, str) else list(spec)
     try:
         steps = [NORMALIZERS[n] for n in names]
-    except KeyError as exc:
+    except (KeyError, TypeError):
+        unknown = [n for n in names if not isinstance(n, str) or n not in NORMALIZERS]
         raise ConfigurationError(
-            f"unknown normalizer {exc.args[0]!r}; use one of {sorted(NORMALIZERS)}, a list of "
-            "them, or a function str -> str"
+            f"unknown normalizer {unknown[0]!r}; use one of {sorted(NORMALIZERS)}, a list of "
+            "them, or a function str -> str defined at module level"
         ) from None
+    if not steps:
+        raise ConfigurationError("normalizer= needs at least one name")
 
     def normalize(value: str) -> str:
         for step in steps:
             value = step(value)
         return value
 
-    return normalize
+    return normalize, "builtin:" + ",".join(names)
+
+
+def _context_name(context: str | tuple[str, str]) -> tuple[str, str]:
+    """``"users.email"`` or ``("users", "email")`` as ``(table, column)``, checked (the same
+    rule as the encrypted column types' ``context=``)."""
+    if isinstance(context, str):
+        table, dot, column = context.partition(".")
+        if not dot or "." in column:
+            raise ConfigurationError(
+                f"context={context!r}: write it as 'table.column' (one dot), or pass a "
+                "(table, column) tuple for names that contain dots"
+            )
+    elif isinstance(context, tuple) and len(context) == 2:
+        table, column = context
+    else:
+        raise ConfigurationError(
+            f"context must be 'table.column' or (table, column), got {context!r}"
+        )
+    if not (isinstance(table, str) and isinstance(column, str) and table and column):
+        raise ConfigurationError(f"context={context!r}: table and column must be non-empty")
+    return table, column
+
+
+def table_name(column: Any) -> str | None:
+    """The name of the one Table that ``column`` (a Table's, an alias's) belongs to."""
+    names = {
+        c.table.name
+        for c in getattr(column, "base_columns", ()) or ()
+        if isinstance(getattr(c, "table", None), sa.Table)
+    }
+    return names.pop() if len(names) == 1 else None
 
 
 class BlindIndex(TypeDecorator[str]):
@@ -80,9 +185,14 @@ class BlindIndex(TypeDecorator[str]):
 
     ``key`` names the index key (create it with ``kf.create_index_key``). ``normalizer``: one of
     ``exact`` (default), ``strip``, ``lower``, ``casefold``, ``nfkc``, ``email``, a list of
-    them applied in order, or a function. ``bits`` truncates the MAC (multiple of 8, 16 to 256):
-    fewer bits leak less (more values share an index value) but lookups then return false
-    positives, which :func:`find` filters after decryption.
+    them applied in order, or a function defined at module level. ``bits`` truncates the MAC
+    (multiple of 8, 16 to 256): fewer bits leak less (more values share an index value) but
+    then ``==`` and ``IN`` cannot be exact, so they are refused: look rows up with
+    :func:`find`, which drops the false positives after decryption.
+
+    ``context`` binds the index values to their place: by default ``"<table>.<source>"`` of
+    the table the column is on. Give it explicitly (``context="users.email"``) before renaming
+    the table or the source column, so that the stored index values keep matching.
     """
 
     impl = sa.String
@@ -92,18 +202,25 @@ class BlindIndex(TypeDecorator[str]):
         self,
         source: str,
         key: str,
-        normalizer: str | tuple[str, ...] | Normalizer = "exact",
+        normalizer: NormalizerSpec | list[str] = "exact",
         bits: int = 256,
+        context: str | tuple[str, str] | None = None,
     ) -> None:
-        if bits % 8 or not 16 <= bits <= 256:
+        if not isinstance(bits, int) or bits % 8 or not 16 <= bits <= 256:
             raise ConfigurationError(f"bits must be a multiple of 8 from 16 to 256, got {bits}")
+        self._place = None if context is None else _context_name(context)
         self.source = source
         self.key = envelope.check_key_name(key)
-        self.normalizer = tuple(normalizer) if isinstance(normalizer, list) else normalizer
+        self.normalizer: NormalizerSpec = (
+            tuple(normalizer) if isinstance(normalizer, list) else normalizer
+        )
         self.bits = bits
-        self._normalize = _normalizer(self.normalizer)
+        self.context = context
+        self._normalize, self._normalizer_id = _normalizer(self.normalizer)
         self._nbytes = bits // 8
-        head = len(envelope.header(self.key, 10**envelope.MAX_VERSION_DIGITS - 1))
+        self._columns: tuple[sa.Column[Any], ...] = ()  # the columns this type is on
+        self._fields: dict[str, tuple[str, ...]] = {}  # table name -> context_fields()
+        head = len(envelope.IndexKey.header_for(self.key, 10**envelope.MAX_VERSION_DIGITS - 1))
         self._length = head + len(envelope.b64encode(bytes(self._nbytes)))
         super().__init__(self._length)
 
@@ -117,20 +234,55 @@ class BlindIndex(TypeDecorator[str]):
             )
         return self.impl_instance
 
+    def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
+        # Remember the Column (and so, later, the table) for compute() without a table. A new
+        # tuple, not append: a copy of this type (Column.copy) must not share the list.
+        super()._set_parent(parent, outer=outer, **kw)
+        if isinstance(parent, sa.Column):
+            self._columns = (*self._columns, parent)
+
     def __repr__(self) -> str:
         args = [repr(self.source), f"key={self.key!r}"]
         if self.normalizer != "exact":
-            name = getattr(self.normalizer, "__name__", None)
-            shown = self.normalizer if isinstance(self.normalizer, (str, tuple)) else name
+            shown: Any = self.normalizer
+            if callable(shown) and not isinstance(shown, NormalizerRef):
+                shown = _function_ref(shown)  # never a built-in's name: see _function_ref
             args.append(f"normalizer={shown!r}")
         if self.bits != 256:
             args.append(f"bits={self.bits}")
+        if self.context is not None:
+            args.append(f"context={self.context!r}")
         return f"BlindIndex({', '.join(args)})"
 
     @property
     def exact(self) -> bool:
         """True if equal index values mean equal normalized values (no truncation)."""
         return self.bits == 256
+
+    def context_fields(self, table: str | None = None) -> tuple[str, ...]:
+        """What the index values are bound to: table, column, normalizer identity and bits.
+
+        Table and column are those of ``context=`` if given, else ``table`` (by default the
+        table this type's column is on) and the source column.
+        """
+        name = table if table is not None else self._attached_table()
+        fields = self._fields.get(name)
+        if fields is None:
+            place = self._place or (name, self.source)
+            fields = self._fields[name] = (*place, self._normalizer_id, str(self.bits))
+        return fields
+
+    def _attached_table(self) -> str:
+        if self.context is not None:
+            return ""  # unused: the explicit context wins
+        names = {n for n in map(table_name, self._columns) if n is not None}
+        if len(names) == 1:
+            return names.pop()
+        where = f"on tables {sorted(names)}" if names else "not on a table's column yet"
+        raise ConfigurationError(
+            f"{self!r} is {where}, so its index values cannot be bound to their column: pass "
+            "table= (the table the column is on), or declare context='table.column'"
+        )
 
     def _data(self, value: Any) -> bytes:
         if isinstance(value, bytes):
@@ -139,16 +291,27 @@ class BlindIndex(TypeDecorator[str]):
             value = str(value)
         return self._normalize(value).encode("utf-8")
 
-    def compute(self, value: Any) -> str | None:
-        """The index value of ``value`` under the active index key version (None for None)."""
+    def compute(self, value: Any, table: str | None = None) -> str | None:
+        """The index value of ``value`` under the active index key version (None for None).
+
+        ``table``: the name of the table the index column is on (by default the table of the
+        Column this type is on; not needed with ``context=``).
+        """
         if value is None:
             return None
-        return get_registry().index_keys(self.key)[0].compute(self._data(value), self._nbytes)
+        fields = self.context_fields(table)
+        key = get_registry().index_keys(self.key)[0]
+        return key.compute(self._data(value), self._nbytes, fields)
 
-    def candidates(self, value: Any) -> list[str]:
-        """The index values ``value`` may have: one per live index key version."""
-        data = self._data(value)
-        return [k.compute(data, self._nbytes) for k in get_registry().index_keys(self.key)]
+    def candidates(self, value: Any, table: str | None = None) -> list[str]:
+        """The index values ``value`` may have: one per live index key version, and the
+        context-free ``kf1`` value of older releases that a reindex has not replaced yet."""
+        fields = self.context_fields(table)
+        data, n = self._data(value), self._nbytes
+        found: list[str] = []
+        for key in get_registry().index_keys(self.key):
+            found += (key.compute(data, n, fields), key.compute_legacy(data, n))
+        return found
 
     def matches(self, a: Any, b: Any) -> bool:
         """True if ``a`` and ``b`` are equal once normalized (used to drop false positives)."""
@@ -162,7 +325,7 @@ _indexes: weakref.WeakKeyDictionary[sa.FromClause, dict[str, sa.Column[Any]]] = 
 )
 
 
-def _index_columns(table: Any) -> dict[str, sa.Column[Any]]:
+def index_columns(table: Any) -> dict[str, sa.Column[Any]]:
     """Source column key -> blind-index column, for a Table, Alias or other FROM clause."""
     try:
         return _indexes[table]
@@ -182,11 +345,32 @@ def index_for(column: Any) -> sa.Column[Any] | None:
     table = getattr(expr, "table", None)
     if table is None:
         return None
-    return _index_columns(table).get(expr.key)
+    return index_columns(table).get(expr.key)
+
+
+def index_table(index: sa.Column[Any]) -> str:
+    """The table name that binds the values of blind-index column ``index``."""
+    typ: BlindIndex = index.type  # type: ignore[assignment]
+    if typ.context is not None:
+        return ""
+    name = table_name(index)
+    if name is None:
+        raise ConfigurationError(
+            f"cannot tell which table blind-index column {index.key!r} is on: declare "
+            f"context='table.{typ.source}' on its BlindIndex"
+        )
+    return name
 
 
 _EQ = {operators.eq, operators.in_op}
 _NE = {operators.ne, operators.not_in_op}
+
+
+def lookup_values(index: sa.Column[Any], values: Sequence[Any]) -> list[str]:
+    """Every index value that rows holding one of ``values`` may have in column ``index``."""
+    typ: BlindIndex = index.type  # type: ignore[assignment]
+    table = index_table(index)
+    return sorted({h for v in values if v is not None for h in typ.candidates(v, table)})
 
 
 def rewrite_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> Any:
@@ -197,6 +381,13 @@ def rewrite_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> Any:
     if index is None:
         return None
     typ: BlindIndex = index.type  # type: ignore[assignment]
+    if not typ.exact:
+        raise UnsupportedOperationError(
+            f"{expr.key!r} is looked up through blind index {index.key!r}, truncated to "
+            f"{typ.bits} bits: other values share its index values, so ==, !=, IN and NOT IN "
+            "would silently return (or drop) the wrong rows; use kf.find(session, "
+            f"<Entity>.{expr.key}, value), which drops them after decryption"
+        )
     values = other[0]
     if op in (operators.in_op, operators.not_in_op):
         if isinstance(values, sa.ClauseElement) or not isinstance(values, list | tuple | set):
@@ -210,146 +401,8 @@ def rewrite_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> Any:
             f"comparing encrypted column {expr.key!r} through its blind index needs Python "
             "values (they are hashed in Python), not SQL expressions or bind parameters"
         )
-    hashes = sorted({h for v in values if v is not None for h in typ.candidates(v)})
+    hashes = lookup_values(index, list(values))
     return index.not_in(hashes) if op in _NE else index.in_(hashes)
-
-
-# Filling index columns on writes -----------------------------------------------------------
-
-
-@event.listens_for(Engine, "before_execute", retval=True)
-def _fill_indexes(
-    conn: Connection,
-    clauseelement: Any,
-    multiparams: list[dict[str, Any]],
-    params: dict[str, Any],
-    execution_options: Any,
-) -> tuple[Any, list[dict[str, Any]], dict[str, Any]]:
-    if not isinstance(clauseelement, (Insert, Update)):
-        return clauseelement, multiparams, params
-    table = clauseelement.table
-    indexes = _index_columns(table)
-    if not indexes:
-        return clauseelement, multiparams, params
-    for source, index in indexes.items():
-        typ: BlindIndex = index.type  # type: ignore[assignment]
-        clauseelement, key = _source_param(clauseelement, source, index, typ)
-        if key is not None:
-            multiparams = [_fill_params(p, key, index, typ) for p in multiparams]
-            if params:
-                params = _fill_params(params, key, index, typ)
-            if isinstance(clauseelement, Insert) and _is_unique(index):
-                values = [p[key] for p in (*multiparams, params) if p and p.get(key) is not None]
-                _check_older_versions(conn, index, typ, values)
-    return clauseelement, multiparams, params
-
-
-def _is_unique(index: sa.Column[Any]) -> bool:
-    table = index.table
-    return (
-        bool(index.unique)
-        or any(
-            isinstance(c, sa.UniqueConstraint) and list(c.columns) == [index]
-            for c in table.constraints
-        )
-        or any(i.unique and list(i.columns) == [index] for i in table.indexes)
-    )
-
-
-def _check_older_versions(
-    conn: Connection, index: sa.Column[Any], typ: BlindIndex, values: list[Any]
-) -> None:
-    """While an index-key rotation is under way, a unique constraint on the index column only
-    sees duplicates under the same version: look for the value under the older live versions
-    too before inserting it."""
-    keys = get_registry().index_keys(typ.key)
-    if len(keys) < 2 or not values:
-        return
-    older = [k.compute(typ._data(v), typ._nbytes) for v in values for k in keys[1:]]
-    found = conn.execute(sa.select(index).where(index.in_(older)).limit(1)).first()
-    if found is not None:
-        raise sa.exc.IntegrityError(
-            f"INSERT INTO {index.table}",  # no parameters: they are plaintext
-            None,
-            DuplicateIndexValue(
-                f"a row with the same {index.name!r} already exists under an older version of "
-                f"index key {typ.key!r} (a reindex is under way)"
-            ),
-        )
-
-
-class DuplicateIndexValue(KmsFieldError):
-    """The ``orig`` of the IntegrityError raised for a duplicate caught across index versions."""
-
-
-def _fill_params(
-    p: dict[str, Any], key: str, index: sa.Column[Any], typ: BlindIndex
-) -> dict[str, Any]:
-    if key not in p:
-        return p
-    p = dict(p)
-    p[index.key] = typ.compute(p[key])
-    return p
-
-
-def _source_param(
-    stmt: Any, source: str, index: sa.Column[Any], typ: BlindIndex
-) -> tuple[Any, str | None]:
-    """Fill the index from ``.values()``; return the execute() parameter holding the source."""
-    if getattr(stmt, "select", None) is not None:
-        names = {getattr(c, "key", c) for c in getattr(stmt, "_select_names", None) or ()}
-        if source in names and index.key not in names:
-            raise EncryptionError(
-                f"INSERT ... FROM SELECT cannot fill blind index {index.key!r}; select it too, "
-                "or insert the rows with execute() parameters"
-            )
-        return stmt, None
-    for row in getattr(stmt, "_multi_values", None) or ():
-        for values in row:
-            keys = {getattr(k, "key", k) for k in values} if isinstance(values, dict) else set()
-            if source in keys and index.key not in keys:
-                raise EncryptionError(
-                    f"multi-row .values() cannot fill blind index {index.key!r}; pass the "
-                    "rows as execute() parameters instead"
-                )
-    for col, value in (getattr(stmt, "_values", None) or {}).items():
-        if getattr(col, "key", col) != source:
-            continue
-        if isinstance(value, sa.BindParameter) and value.callable is None:
-            if value.required:  # bindparam("name"): the value comes with execute()
-                return stmt, value.key
-            return stmt.values({index.key: typ.compute(value.value)}), None
-        raise EncryptionError(
-            f"cannot compute blind index {index.key!r} from a SQL expression assigned to "
-            f"{source!r}; assign a Python value"
-        )
-    return stmt, source
-
-
-# Keeping loaded entities in step -----------------------------------------------------------
-
-
-@event.listens_for(Mapper, "mapper_configured")
-def _track_sources(mapper: Mapper[Any], class_: type) -> None:
-    """Setting ``user.email`` also sets ``user.email_index`` on the object (the database row
-    gets it from the before_execute hook either way)."""
-    for table in mapper.tables:
-        for source, index in _index_columns(table).items():
-            source_prop = mapper.get_property_by_column(table.c[source])
-            index_prop = mapper.get_property_by_column(index)
-            typ: BlindIndex = index.type  # type: ignore[assignment]
-
-            def on_set(
-                target: Any,
-                value: Any,
-                old: Any,
-                initiator: Any,
-                _attr: str = index_prop.key,
-                _typ: BlindIndex = typ,
-            ) -> None:
-                setattr(target, _attr, _typ.compute(value))
-
-            event.listen(getattr(class_, source_prop.key), "set", on_set)
 
 
 # Exact lookups with truncated indexes --------------------------------------------------------
@@ -366,6 +419,13 @@ def find(session: Any, attribute: Any, value: Any) -> list[Any]:
     if index is None:
         raise ConfigurationError(f"{attribute} has no BlindIndex column")
     typ: BlindIndex = index.type  # type: ignore[assignment]
-    entity = attribute.class_
-    rows = session.scalars(sa.select(entity).where(attribute == value)).all()
+    entity = attribute.parent.entity  # the class, or the aliased class the attribute is of
+    if value is None:
+        return []
+    criterion = index.in_(lookup_values(index, [value]))
+    rows = session.scalars(sa.select(entity).where(criterion)).all()
     return [r for r in rows if typ.matches(getattr(r, attribute.key), value)]
+
+
+# Writes fill index columns: registers the hooks (imported last: it uses the names above).
+from . import blind_index_writes  # noqa: E402, F401

@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from . import envelope
+from .envelope import IndexKey
 from .exc import ConfigurationError
 
 _metadata = sa.MetaData()
@@ -83,6 +84,17 @@ def prefix(key: str, version: int, binary: bool) -> str | bytes:
     return head.encode("ascii") if binary else head
 
 
+def _on_version(
+    col: sa.ColumnElement[Any], key: str, version: int, binary: bool
+) -> sa.ColumnElement[bool]:
+    """The value is under ``key`` ``version``: a stored value, or a blind-index value in
+    either of its formats (``kf2``, context-bound, and ``kf1`` of older releases)."""
+    heads = {prefix(key, version, binary)}
+    if not binary:
+        heads |= {f"{fmt}:{key}:{version}:" for fmt in (IndexKey.LEGACY_FORMAT, IndexKey.FORMAT)}
+    return sa.or_(*(starts_with(col, head) for head in sorted(heads, key=str)))
+
+
 def starts_with(column: sa.ColumnElement[Any], value: str | bytes) -> sa.ColumnElement[bool]:
     """``column`` starts with ``value``, exactly (no LIKE wildcards, case-sensitive on MySQL)."""
     typ: sa.types.TypeEngine[Any] = sa.LargeBinary() if isinstance(value, bytes) else sa.String()
@@ -113,8 +125,7 @@ def count_versions(
     binary = is_binary(col)
     versions = sorted(set(versions))
     counts = [
-        sa.func.sum(sa.case((starts_with(col, prefix(ref.key, v, binary)), 1), else_=0))
-        for v in versions
+        sa.func.sum(sa.case((_on_version(col, ref.key, v, binary), 1), else_=0)) for v in versions
     ]
     row = conn.execute(
         sa.select(sa.func.count(), sa.func.count(col), *counts).select_from(table)

@@ -389,25 +389,72 @@ def refuse_ciphertext(value: str | bytes) -> None:
 class IndexKey:
     """One version of a blind-index key: HMAC-SHA256 over normalized plaintext.
 
-    An index value carries the same kind of header as a stored value
-    (``kf1:<index key name>:<version>:`` + base64url of the first ``nbytes`` of the MAC), so
-    SQL can count index values per index-key version exactly like ciphertexts.
+    A blind index's values are bound to their place: each index computes its MAC under a key
+    of its own, derived once from this key and the index's context (logical table and column,
+    normalizer, bits) with HKDF-SHA256, every field length-prefixed so that ("ab", "c") and
+    ("a", "bc") never derive alike. Two columns under one index key therefore never share a
+    value, and a truncated index is not a prefix of a full one. Such values carry the header
+    ``kf2:<index key name>:<version>:`` followed by base64url of the first ``nbytes`` of the
+    MAC, so SQL can count them per index-key version exactly like ciphertexts.
+
+    ``kf1:<name>:<version>:`` values came from an older release: the MAC under this key itself,
+    the same for every column. Lookups still match them (``compute_legacy``) until a reindex
+    replaces them.
     """
 
-    __slots__ = ("_key", "header", "name", "version")
+    __slots__ = ("_derived", "_key", "header", "legacy_header", "name", "version")
+
+    FORMAT: Final = "kf2"
+    LEGACY_FORMAT: Final = "kf1"
+    PURPOSE: Final = b"sqlalchemy-kms-field blind index"
 
     def __init__(self, name: str, version: int, key: bytes) -> None:
         if len(key) != KEY_SIZE:
             raise ConfigurationError(
                 f"index key {name!r} version {version} is {len(key)} bytes, expected {KEY_SIZE}"
             )
+        if not 1 <= version < 10**MAX_VERSION_DIGITS:
+            raise ConfigurationError(f"index key version must be 1 to 999999999, got {version}")
+        check_key_name(name)
         self.name = name
         self.version = version
-        self.header = header(name, version)
+        self.header = self.header_for(name, version)
+        self.legacy_header = f"{self.LEGACY_FORMAT}:{name}:{version}:"
         self._key = key
+        # context fields -> derived MAC key: derived once per index, never per value.
+        self._derived: dict[tuple[str, ...], bytes] = {}
+
+    @classmethod
+    def header_for(cls, name: str, version: int) -> str:
+        """The header of the index values computed under index key ``name`` ``version``."""
+        return f"{cls.FORMAT}:{name}:{version}:"
 
     def __repr__(self) -> str:
         return f"IndexKey(name={self.name!r}, version={self.version})"
 
-    def compute(self, data: bytes, nbytes: int = 32) -> str:
-        return self.header + b64encode(hmac.digest(self._key, data, "sha256")[:nbytes])
+    @classmethod
+    def info(cls, context: tuple[str, ...]) -> bytes:
+        """HKDF ``info`` for ``context``: the purpose, then each field behind its length."""
+        parts = [cls.PURPOSE]
+        for field in context:
+            raw = field.encode("utf-8")
+            parts.append(len(raw).to_bytes(4, "big") + raw)
+        return b"".join(parts)
+
+    def _derive(self, context: tuple[str, ...]) -> bytes:
+        # Imported here: only IndexKey derives keys, once per index and version.
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_SIZE, salt=None, info=self.info(context))
+        key = self._derived[context] = hkdf.derive(self._key)
+        return key
+
+    def compute(self, data: bytes, nbytes: int, context: tuple[str, ...]) -> str:
+        """The ``kf2`` index value of ``data`` (normalized plaintext) in ``context``."""
+        key = self._derived.get(context) or self._derive(context)
+        return self.header + b64encode(hmac.digest(key, data, "sha256")[:nbytes])
+
+    def compute_legacy(self, data: bytes, nbytes: int) -> str:
+        """The ``kf1`` index value an older release stored for ``data`` (lookups only)."""
+        return self.legacy_header + b64encode(hmac.digest(self._key, data, "sha256")[:nbytes])

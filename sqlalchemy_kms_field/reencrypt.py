@@ -156,12 +156,16 @@ class _Transform:
 
 
 class _WithIndex:
-    """Encrypt a plaintext value and compute its blind-index value in the same pass."""
+    """Encrypt a plaintext value and compute its blind-index value in the same pass.
 
-    def __init__(self, inner: _Transform, index: BlindIndex, target: IndexKey) -> None:
+    ``table`` is the logical table the index values are bound to (see BlindIndex.context_fields).
+    """
+
+    def __init__(self, inner: _Transform, index: BlindIndex, target: IndexKey, table: str) -> None:
         self.inner = inner
         self.index = index
         self.target = target
+        self.fields = index.context_fields(table)
 
     def pending(self, col: sa.Column[Any]) -> sa.ColumnElement[bool]:
         return self.inner.pending(col)
@@ -169,19 +173,26 @@ class _WithIndex:
     def __call__(self, value: Any) -> tuple[Any, str]:
         new = self.inner(value)
         plain = bytes(value) if self.inner.binary else value
-        return new, self.target.compute(self.index._data(plain), self.index._nbytes)
+        return new, self.target.compute(self.index._data(plain), self.index._nbytes, self.fields)
 
     def many(self, values: Sequence[Any]) -> list[tuple[Any, str]]:
         return [self(value) for value in values]
 
 
 class _Reindex:
-    """Recompute a blind-index value from its encrypted source under the active index key."""
+    """Recompute a blind-index value from its encrypted source under the active index key.
 
-    def __init__(self, index: BlindIndex, target: IndexKey, registry: KeyRegistry) -> None:
+    Pending: every value not under the active version's header, which includes the context-free
+    ``kf1`` values of older releases (same key version, another format).
+    """
+
+    def __init__(
+        self, index: BlindIndex, target: IndexKey, registry: KeyRegistry, table: str
+    ) -> None:
         self.index = index
         self.target = target
         self.registry = registry
+        self.fields = index.context_fields(table)
 
     def pending(self, col: sa.Column[Any], source: sa.Column[Any]) -> sa.ColumnElement[bool]:
         return sa.and_(
@@ -199,7 +210,7 @@ class _Reindex:
         key = self.registry.data_key(*found)
         plaintext = key.decrypt_binary(source_value) if binary else key.decrypt_text(source_value)
         value: Any = plaintext if binary else plaintext.decode("utf-8")
-        return self.target.compute(self.index._data(value), self.index._nbytes)
+        return self.target.compute(self.index._data(value), self.index._nbytes, self.fields)
 
 
 def run_job(
@@ -276,7 +287,7 @@ def run_job(
         if index.source not in t.c:
             raise ConfigurationError(f"table {t.fullname!r} has no column {index.source!r}")
         source = t.c[index.source]
-        transform = _Reindex(index, target_index, registry)
+        transform = _Reindex(index, target_index, registry, table)
         pending = transform.pending(col, source)
         version: int | None = target_index.version
     else:
@@ -290,7 +301,7 @@ def run_job(
                 f"encrypt with a blind index needs index_column= naming a column of {t.fullname!r}"
             )
         companion = t.c[index_column]
-        transform = _WithIndex(transform, index, registry.index_keys(index.key)[0])
+        transform = _WithIndex(transform, index, registry.index_keys(index.key)[0], table)
     result = JobResult(ref, operation, version, dry_run=dry_run)
 
     todo = 0  # counted (a scan of the table) only for a dry run or a progress display

@@ -535,7 +535,7 @@ def test_index_values_compare_byte_for_byte(engine: sa.Engine, tables: Any) -> N
     insert_users(engine, {1: "ann@example.com"})
     stored = raw_indexes(engine)[1]
     assert stored is not None
-    head, body = stored[: len("kf1:email-index:1:")], stored[len("kf1:email-index:1:") :]
+    head, body = stored[: len("kf2:email-index:1:")], stored[len("kf2:email-index:1:") :]
     other = head + body.swapcase()
     assert other != stored
     with engine.connect() as conn:
@@ -601,6 +601,8 @@ def colliding_emails(index: BlindIndex) -> tuple[str, str]:
 def test_a_truncated_index_has_false_positives_that_find_drops(
     engine: sa.Engine, tables: Any
 ) -> None:
+    """Through ``==`` or ``IN`` the database would see only 16 bits and return both colliding
+    rows (``!=`` would drop both): they are refused, naming kf.find(), which is exact."""
     index: BlindIndex = Contact.__table__.c.email_index.type  # type: ignore[attr-defined]
     assert not index.exact and INDEX.exact
     first, second = colliding_emails(index)
@@ -614,19 +616,35 @@ def test_a_truncated_index_has_false_positives_that_find_drops(
             ]
         )
         session.commit()
-        # Through == the database sees only 16 bits: both rows come back.
-        both = session.scalars(sa.select(Contact).where(Contact.email == first.upper())).all()
-        assert {c.id for c in both} == {1, 2}
+        for make in (
+            lambda: Contact.email == first,
+            lambda: Contact.email.in_([first]),
+            lambda: Contact.email != first,
+            lambda: Contact.email.not_in([first]),
+            lambda: Contact.__table__.c.email == first,  # type: ignore[attr-defined]
+        ):
+            with pytest.raises(kf.UnsupportedOperationError, match=r"kf\.find\(") as caught:
+                session.scalars(sa.select(Contact).where(make())).all()
+            assert "16 bits" in str(caught.value)
+            assert first not in str(caught.value)
+            assert_clean(caught.value, tables)
+        # What == would have returned: both rows share the index value.
+        raw = index.compute(first)
+        both = session.scalars(sa.select(Contact.id).where(Contact.email_index == raw)).all()
+        assert set(both) == {1, 2}
         assert [c.id for c in kf.find(session, Contact.email, f" {first.upper()}")] == [1]
         assert [c.id for c in kf.find(session, Contact.email, second)] == [2]
         assert kf.find(session, Contact.email, "nobody@example.com") == []
+        assert kf.find(session, Contact.email, None) == []
     with Session(engine) as session:
         session.add(User(id=1, email="ann@example.com"))
         session.commit()
         assert [u.id for u in kf.find(session, User.email, "ANN@example.com")] == [1]
-        with pytest.raises(kf.ConfigurationError, match="BlindIndex") as caught:
+        other = aliased(User)
+        assert [u.id for u in kf.find(session, other.email, "ANN@example.com")] == [1]
+        with pytest.raises(kf.ConfigurationError, match="BlindIndex") as config_error:
             kf.find(session, User.note, "x")
-        assert_clean(caught.value, tables)
+        assert_clean(config_error.value, tables)
 
 
 def test_blind_index_settings_are_checked() -> None:
@@ -646,9 +664,9 @@ def test_the_index_column_fits_every_index_value(engine: sa.Engine, tables: Any)
     """The column is sized for the longest header (9-digit version) plus the MAC."""
     for bits in (16, 128, 256):
         index = kf.BlindIndex("email", key=INDEX_KEY, bits=bits)
-        value = index.compute("ann@example.com")
-        assert value is not None and value.startswith("kf1:email-index:1:")
-        longest = len("kf1:email-index:999999999:") + len(value) - len("kf1:email-index:1:")
+        value = index.compute("ann@example.com", table="bidx_users")
+        assert value is not None and value.startswith("kf2:email-index:1:")
+        longest = len("kf2:email-index:999999999:") + len(value) - len("kf2:email-index:1:")
         assert index.impl_instance.length == longest  # type: ignore[attr-defined]
 
 
@@ -692,7 +710,8 @@ def test_the_statement_cache_key_holds_index_values_not_keys(
     assert "ann@example.com" not in text
     params = first.compile(engine).params
     values = [v for vs in params.values() for v in (vs if isinstance(vs, list) else [vs])]
-    assert values == [INDEX.compute("ann@example.com")]
+    assert values == sorted(INDEX.candidates("ann@example.com"))  # kf2, and kf1 of old rows
+    assert INDEX.compute("ann@example.com") in values
     assert_no_secret(repr(params), all_secrets(tables))
     # The statement really runs from that cached form with both values.
     with Session(engine) as session:
@@ -826,7 +845,7 @@ def test_encrypt_column_fills_the_index_in_the_same_pass(
                 index=kf.BlindIndex("email", key=INDEX_KEY, normalizer="email"),
                 index_column="email_index",
             )
-    assert count_prefix(engine, "kf1:email-index:1:") == sum(e is not None for e in rows.values())
+    assert count_prefix(engine, "kf2:email-index:1:") == sum(e is not None for e in rows.values())
     assert_indexed(engine, rows)
     with engine.connect() as conn:  # one job did both columns
         jobs = conn.execute(sa.text("SELECT column_name, operation FROM kms_field_jobs")).all()

@@ -52,7 +52,7 @@ from tests.test_blind_index import (
 
 ROOT = Path(__file__).resolve().parent.parent
 REINDEX_SCRIPT = Path(__file__).resolve().parent / "scripts" / "bidx_reindex.py"
-V1, V2, V3 = (f"kf1:{INDEX_KEY}:{v}:" for v in (1, 2, 3))
+V1, V2, V3 = (f"kf2:{INDEX_KEY}:{v}:" for v in (1, 2, 3))
 INDEX_COLUMN = ColumnRef("bidx_users", "email_index", INDEX_KEY)
 
 

@@ -511,8 +511,8 @@ def test_index_key_rotate_reindex_retire(
     done = cli("reindex", "cli_people.email_index", "--batch-size", "7").stdout
     assert re.search(r"reindex cli_people.email_index: 20/20 rows \(100%\)", done), done
     assert "reindex cli_people.email_index: finished" in done and "rows written: 20" in done
-    assert count_prefix(engine, "cli_people", "email_index", f"kf1:{INDEX_KEY}:2:") == 24
-    assert count_prefix(engine, "cli_people", "email_index", f"kf1:{INDEX_KEY}:1:") == 0
+    assert count_prefix(engine, "cli_people", "email_index", f"kf2:{INDEX_KEY}:2:") == 24
+    assert count_prefix(engine, "cli_people", "email_index", f"kf2:{INDEX_KEY}:1:") == 0
     status = json.loads(cli("status", "--json").stdout)
     assert status["unfinished_jobs"] == []
     [column] = [c for c in status["columns"] if c["key"] == INDEX_KEY]
@@ -569,7 +569,7 @@ def test_encrypt_column_with_its_index_and_reindex_from_flags(
     assert f"blind index email_index computed under index key '{INDEX_KEY}' version 1" in done
     assert "encrypt cli_contacts.email: finished" in done and "rows written: 12" in done
     assert count_prefix(engine, "cli_contacts", "email", "kf1:pii:1:") == 12
-    assert count_prefix(engine, "cli_contacts", "email_index", f"kf1:{INDEX_KEY}:1:") == 12
+    assert count_prefix(engine, "cli_contacts", "email_index", f"kf2:{INDEX_KEY}:1:") == 12
 
     encrypted = sa.Table(
         "cli_contacts",
@@ -613,7 +613,7 @@ def test_encrypt_column_with_its_index_and_reindex_from_flags(
         conn.execute(raw.delete().where(raw.c.id == 100))
     done = cli(*reindex).stdout  # resumes after the last committed batch
     assert "reindex cli_contacts.email_index: finished" in done and "rows written: 2" in done
-    assert count_prefix(engine, "cli_contacts", "email_index", f"kf1:{INDEX_KEY}:2:") == 12
+    assert count_prefix(engine, "cli_contacts", "email_index", f"kf2:{INDEX_KEY}:2:") == 12
     assert "version 3 is now active" in cli("keys", "rotate", INDEX_KEY).stdout
     assert all(found(e.lower()) == [i] for i, e in contacts.items())
 

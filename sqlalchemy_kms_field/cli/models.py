@@ -164,8 +164,14 @@ def choose_index(declared: BlindIndex | None, flags: IndexFlags, where: str) -> 
     """
     given = flags.index()
     if given is not None and declared is not None:
-        mine = (given.source, given.key, _normalizer_id(given), given.bits)
-        theirs = (declared.source, declared.key, _normalizer_id(declared), declared.bits)
+        mine = (given.source, given.key, _normalizer_id(given), given.bits, given.context)
+        theirs = (
+            declared.source,
+            declared.key,
+            _normalizer_id(declared),
+            declared.bits,
+            declared.context,  # index values are bound to it: flags cannot declare another
+        )
         if mine != theirs:
             raise UsageError(
                 f"the flags declare {where} as {given!r} but the models declare it as "

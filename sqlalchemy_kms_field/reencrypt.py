@@ -40,7 +40,7 @@ from . import census, envelope
 from .blind_index import BlindIndex
 from .census import ColumnRef
 from .envelope import DataKey, IndexKey
-from .exc import ConfigurationError, KmsFieldError, ReencryptionError
+from .exc import ConfigurationError, DecryptionError, KmsFieldError, ReencryptionError
 from .registry import KeyRegistry, get_registry
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class JobResult:
     finished: bool = False
     dry_run: bool = False
     skipped: list[Any] = field(default_factory=list)  # primary keys of undecryptable rows
+    context: tuple[str, str] | None = None  # the (table, column) kf2 values are bound to
+    codec: str | None = None  # given, or learnt from the column's kf2 values
 
 
 def _now() -> datetime:
@@ -73,7 +75,12 @@ def _now() -> datetime:
 
 
 class _Transform:
-    """What one job does to one stored value, and which rows it concerns (by SQL alone)."""
+    """What one job does to one stored value, and which rows it concerns (by SQL alone).
+
+    A kf2 value is bound to its context (logical table, column and codec): the job opens and
+    writes values of ``place`` = (table, column) with the codec given or learnt from the column
+    itself (:meth:`learn_codec`). kf1 values (format 1, no context) open under any context.
+    """
 
     def __init__(
         self,
@@ -82,31 +89,118 @@ class _Transform:
         target: DataKey | None,
         registry: KeyRegistry,
         binary: bool,
+        place: tuple[str, str],
+        codec: str | None = None,
+        pad: int | None = None,
     ) -> None:
         self.operation = operation
         self.key = key
         self.target = target
         self.registry = registry
         self.binary = binary
-        self.key_prefix = f"{envelope.FORMAT}:{key}:"
+        self.place = place
+        self.codec: str | None = None
+        self.context = b""  # encode_context(*place, codec) once the codec is known
+        self.pad = 0
+        self._pad_given = pad
+        if codec is not None:
+            self._set_codec(codec)
+        # Every format's prefix of this key: "kf1:pii:", "kf2:pii:" (all of the same length).
+        self.key_prefixes = [f"{fmt}:{key}:" for fmt in envelope.FORMATS]
         # Source keys met so far, by their exact header (bytes for binary columns), as the
-        # bound method that opens a value: a row's header is then one dict lookup.
+        # function that opens a value: a row's header is then one dict lookup.
         self._openers: dict[str | bytes, Callable[[Any], bytes]] = {}
         self._colon: str | bytes = b":" if binary else ":"
-        self._after_name = len(self.key_prefix)
+        self._after_name = len(self.key_prefixes[0])
+
+    def _set_codec(self, codec: str) -> None:
+        self.codec = codec
+        self.context = envelope.encode_context(*self.place, codec)
+        given = self._pad_given
+        self.pad = envelope.DEFAULT_PADS.get(codec, 0) if given is None else given
 
     def pending(self, col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
         """Rows this job still has to rewrite."""
+        ours = sa.or_(*(self._starts(col, prefix) for prefix in self.key_prefixes))
         if self.operation == "decrypt":
-            return self._starts(col, self.key_prefix)
-        done = self.key_prefix
-        if self.operation == "reencrypt":
-            assert self.target is not None
-            done = self.target.header
-        return sa.and_(col.is_not(None), sa.not_(self._starts(col, done)))
+            return ours
+        if self.operation == "encrypt":
+            return sa.and_(col.is_not(None), sa.not_(ours))
+        # Re-encryption: everything not yet kf2 under the target version, kf1 values of the
+        # target version included (they are moved to kf2 in place).
+        assert self.target is not None
+        return sa.and_(col.is_not(None), sa.not_(self._starts(col, self.target.header)))
 
     def _starts(self, col: sa.ColumnElement[Any], text: str) -> sa.ColumnElement[bool]:
         return census.starts_with(col, text.encode("ascii") if self.binary else text)
+
+    # The codec ------------------------------------------------------------------------------
+
+    def candidates(self) -> list[str]:
+        """The codecs a value of this column may have been written with."""
+        if self.codec is not None:
+            return [self.codec]
+        return ["bytes"] if self.binary else [c for c in envelope.CODECS if c != "bytes"]
+
+    def learn_codec(self, samples: Sequence[Any]) -> None:
+        """Find the codec (or check the one given) on kf2 values of this column.
+
+        The codec whose context authenticates one of ``samples`` is the column's. None does:
+        the values were written for another context (a type declaring ``context=``), or they
+        bind row fields, or they were moved here from another column.
+        """
+        reasons: list[str] = []
+        for sample in samples:
+            value: str | bytes = bytes(sample) if self.binary else str(sample)
+            found = envelope.parse(value)
+            if found is None or found[0] != envelope.FORMAT or found[1] != self.key:
+                continue
+            try:
+                source = self.registry.data_key(found[1], found[2])
+            except KmsFieldError as exc:  # a retired version, KMS refusing: try another value
+                reasons.append(str(exc))
+                continue
+            for codec in self.candidates():
+                context = envelope.encode_context(*self.place, codec)
+                try:
+                    if isinstance(value, bytes):
+                        source.decrypt_binary(value, context)
+                    else:
+                        source.decrypt_text(value, context)
+                except DecryptionError:
+                    continue
+                self._set_codec(codec)
+                return
+        if not samples:
+            return
+        table, column = self.place
+        tried = f"codec {self.codec!r}" if self.codec else "any codec"
+        why = f" ({'; '.join(reasons[:2])})" if reasons else ""
+        raise ConfigurationError(
+            f"the kf2 values of data key {self.key!r} in this column do not authenticate under "
+            f"context {table}.{column} with {tried}{why}: if the column type declares "
+            "context=..., pass the same context= (CLI --context TABLE.COLUMN); pass the "
+            "column's codec= (CLI --codec) if it is known; values bound to other columns of "
+            "their row cannot be rewritten by this job"
+        )
+
+    def need_codec(self) -> str:
+        """The codec to write with; a text column with no kf2 value to learn it from needs it."""
+        if self.codec is None and self.binary:
+            self._set_codec("bytes")
+        if self.codec is None and self.operation == "encrypt":
+            self._set_codec("str")
+        if self.codec is None:
+            table, column = self.place
+            raise ConfigurationError(
+                f"no kf2 value of data key {self.key!r} in {table}.{column} tells its codec: "
+                "pass codec= (CLI --codec): 'str' for EncryptedString and EncryptedText, "
+                "'json' for EncryptedJSON, the inner type's codec for Encrypted(...), one of "
+                f"{', '.join(c for c in envelope.CODECS if c != 'bytes')}"
+            )
+        return self.codec
+
+    # Rewriting values -----------------------------------------------------------------------
 
     def __call__(self, value: Any) -> Any:
         return self.many([value])[0]
@@ -115,44 +209,63 @@ class _Transform:
         """The new value of each of ``values``; raises KmsFieldError at the first that fails."""
         if self.binary:
             values = [bytes(v) for v in values]
+        target, context, pad, binary = self.target, self.context, self.pad, self.binary
         if self.operation == "encrypt":
             for value in values:
-                found = envelope.parse_header(value)
-                if found is not None:
-                    raise KmsFieldError(
-                        "value is already ciphertext under data key "
-                        f"{found[0]!r} version {found[1]}"
-                    )
-            assert self.target is not None
-            plaintexts = values if self.binary else [v.encode("utf-8") for v in values]
-            return self.target.encrypt_many(plaintexts, binary=self.binary)
+                _refuse_ciphertext(value)
+            assert target is not None
+            plaintexts = values if binary else [v.encode("utf-8") for v in values]
+            return target.encrypt_many(plaintexts, context, pad_to=pad, binary=binary)
         # The common case, once per row: a header met before (an exact match of one checked
         # in _opener), one dict lookup.
         openers, colon, after = self._openers, self._colon, self._after_name
         plaintexts = [
             (openers.get(v[: v.find(colon, after) + 1]) or self._opener(v))(v) for v in values
         ]
-        if self.target is not None:
-            return self.target.encrypt_many(plaintexts, binary=self.binary)
-        return plaintexts if self.binary else [p.decode("utf-8") for p in plaintexts]  # decrypt
+        if target is not None:
+            return target.encrypt_many(plaintexts, self.context, pad_to=self.pad, binary=binary)
+        return plaintexts if binary else [p.decode("utf-8") for p in plaintexts]  # decrypt
 
     def _opener(self, value: Any) -> Callable[[Any], bytes]:
         """Check the header of ``value`` and remember how to open values with that header."""
-        found = envelope.parse_header(value)
+        found = envelope.parse(value)
         if found is None:
             raise KmsFieldError(
-                f"value is not ciphertext of data key {self.key!r} (no 'kf1:' header)"
+                f"value is not ciphertext of data key {self.key!r} (no 'kf2:' or 'kf1:' header)"
             )
-        name, version = found
+        fmt, name, version = found
         if name != self.key:
             raise KmsFieldError(f"value is under data key {name!r}, not {self.key!r}")
         source = self.registry.data_key(name, version)
-        opener: Callable[[Any], bytes]
-        if self.binary:
-            opener = self._openers[source.header_bytes] = source.decrypt_binary
-        else:
-            opener = self._openers[source.header] = source.decrypt_text
+        if fmt == envelope.FORMAT and self.codec is None:
+            try:  # a decrypt job meeting its first kf2 value
+                self.learn_codec([value])
+            except ConfigurationError as exc:  # this row's problem (or every kf2 row's)
+                raise DecryptionError(str(exc)) from None
+        decrypt = source.decrypt_binary if self.binary else source.decrypt_text
+        context = self.context  # kf1 values ignore it
+
+        def opener(v: Any) -> bytes:
+            return decrypt(v, context)
+
+        head = envelope.header(name, version, fmt)
+        self._openers[head.encode("ascii") if self.binary else head] = opener
         return opener
+
+
+def _refuse_ciphertext(value: str | bytes) -> None:
+    """Invariant 2, for encrypt: no value that is (or looks like) a ciphertext of ours."""
+    found = envelope.parse(value)
+    if found is not None:
+        raise KmsFieldError(
+            f"value is already ciphertext ({found[0]} under data key {found[1]!r} version "
+            f"{found[2]})"
+        )
+    if envelope.looks_like_header(value):
+        raise KmsFieldError(
+            "value starts like a damaged ciphertext header (kf<digits>: in another case or "
+            "after spaces): refusing to encrypt what is probably an altered ciphertext"
+        )
 
 
 class _WithIndex:
@@ -220,6 +333,9 @@ def run_job(
     index: BlindIndex | None = None,
     index_column: str | None = None,
     wait_for_processes: bool = True,
+    context: str | tuple[str, str] | None = None,
+    codec: str | None = None,
+    pad: int | None = None,
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
 
@@ -235,12 +351,22 @@ def run_job(
     re-encryption does not declare itself finished before that moment, since such a process may
     still write under the old version.
 
+    ``context`` (``"table.column"`` or a tuple; default ``(table, column)``) and ``codec``
+    (one of ``envelope.CODECS``) are what kf2 values are bound to: pass those of the column
+    type when it declares ``context=``. Without ``codec``, the job learns it from the kf2
+    values already in the column (``"bytes"`` for binary columns, ``"str"`` for encrypt); a
+    text column holding only kf1 values needs it. ``pad``: the padding of the values written
+    (default ``envelope.DEFAULT_PADS.get(codec, 0)``). Values in format kf1 are read and, by
+    ``reencrypt``, rewritten as kf2, also when they are already on the target version.
+
     ``settle_timeout`` bounds how long the job keeps sweeping rows that other processes are
     still writing under an older version (default: twice the registry's ``active_ttl`` plus
     30 seconds). ``skip_undecryptable`` records rows that fail to decrypt instead of stopping.
     """
     if batch_size < 1:
         raise ConfigurationError("batch_size must be at least 1")
+    _check_format_options(codec, pad)
+    place = (table, column) if context is None else envelope.context_name(context)
     if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
         raise ConfigurationError(
             "re-encryption commits each batch on its own connection; an in-memory SQLite "
@@ -280,9 +406,18 @@ def run_job(
         pending = transform.pending(col, source)
         version: int | None = target_index.version
     else:
-        transform = _Transform(operation, key, target, registry, census.is_binary(col))
+        binary = census.is_binary(col)
+        if codec is not None and (codec == "bytes") != binary:
+            raise ConfigurationError(
+                f"codec={codec!r} does not fit {'binary' if binary else 'text'} column "
+                f"{ref}: " + ("use 'bytes'" if binary else "'bytes' is for binary columns")
+            )
+        transform = _Transform(operation, key, target, registry, binary, place, codec, pad)
         pending = transform.pending(col)
         version = target.version if target else None
+        transform.learn_codec(_kf2_samples(engine, t, col, key, binary))
+        if operation != "decrypt":
+            transform.need_codec()
     companion = None
     if operation == "encrypt" and index is not None:
         if index_column is None or index_column not in t.c:
@@ -292,6 +427,8 @@ def run_job(
         companion = t.c[index_column]
         transform = _WithIndex(transform, index, registry.index_keys(index.key)[0])
     result = JobResult(ref, operation, version, dry_run=dry_run)
+    if operation != "reindex":
+        result.context, result.codec = place, transform.codec
 
     todo = 0  # counted (a scan of the table) only for a dry run or a progress display
     if dry_run or progress is not None:
@@ -925,6 +1062,25 @@ def _wait_until_every_process_knows(
     )
     time.sleep(wait)
     return True
+
+
+def _check_format_options(codec: str | None, pad: int | None) -> None:
+    if codec is not None and codec not in envelope.CODECS:
+        raise ConfigurationError(
+            f"codec={codec!r} is not a codec: use one of {', '.join(envelope.CODECS)}"
+        )
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 0):
+        raise ConfigurationError(f"pad={pad!r}: use a whole number of bytes, 0 or more")
+
+
+def _kf2_samples(
+    engine: Engine, t: sa.Table, col: sa.Column[Any], key: str, binary: bool, n: int = 3
+) -> list[Any]:
+    """A few kf2 values of data key ``key`` in ``col``, to learn the column's codec from."""
+    prefix = f"{envelope.FORMAT}:{key}:"
+    where = census.starts_with(col, prefix.encode("ascii") if binary else prefix)
+    with engine.connect() as conn:
+        return list(conn.execute(sa.select(col).where(where).limit(n)).scalars())
 
 
 def _count(conn: Connection, t: sa.Table, where: sa.ColumnElement[bool]) -> int:

@@ -12,10 +12,12 @@ from .exc import (
     KeyStateError,
     KmsFieldError,
     MasterKeyError,
+    ReencryptionError,
     UnsupportedOperationError,
 )
 from .key_store import KeyState, SqlKeyStore, StoredKey
 from .master_keys import AwsKmsMasterKey, LocalMasterKey, MasterKey
+from .reencrypt import decrypt_column, encrypt_column, reencrypt_column, reindex_column
 from .registry import (
     KeyRegistry,
     configure,
@@ -59,6 +61,7 @@ __all__ = [
     "LocalMasterKey",
     "MasterKey",
     "MasterKeyError",
+    "ReencryptionError",
     "SqlKeyStore",
     "StoredKey",
     "UnsupportedOperationError",
@@ -66,9 +69,13 @@ __all__ = [
     "configure",
     "create_data_key",
     "create_index_key",
+    "decrypt_column",
+    "encrypt_column",
     "find",
     "get_registry",
     "preload",
+    "reencrypt_column",
+    "reindex_column",
     "rotate_data_key",
     "rotate_index_key",
 ]

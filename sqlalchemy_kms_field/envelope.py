@@ -314,10 +314,13 @@ class DataKey:
         """
         nonces = os.urandom(NONCE_SIZE * len(plaintexts))
         seal, head, head_bytes = self._seal, self.header, self.header_bytes
-        shared = head_bytes + contexts if isinstance(contexts, bytes) else None
+        if isinstance(contexts, bytes):
+            aads: Sequence[bytes] = [head_bytes + contexts] * len(plaintexts)
+        else:
+            aads = [head_bytes + c for c in contexts]
         out: list[Any] = []
         for i, plaintext in enumerate(plaintexts):
-            aad = shared if shared is not None else head_bytes + contexts[i]
+            aad = aads[i]
             body = seal(pad(plaintext, pad_to), aad, nonces[NONCE_SIZE * i : NONCE_SIZE * (i + 1)])
             out.append(head_bytes + body if binary else head + _b64url(body).decode("ascii"))
         return out

@@ -6,9 +6,16 @@ table.column, the setting to change) and never a key or a plaintext.
 
 from __future__ import annotations
 
+from sqlalchemy.exc import DontWrapMixin
 
-class KmsFieldError(Exception):
-    """Base class of every error this library raises."""
+
+class KmsFieldError(DontWrapMixin, Exception):
+    """Base class of every error this library raises.
+
+    Raised from a bind or result processor, it reaches the caller as it is: SQLAlchemy does not
+    wrap it in a ``StatementError``, whose text would list every parameter of the statement,
+    the plaintexts of encrypted columns included (whatever ``hide_parameters`` says).
+    """
 
 
 class ConfigurationError(KmsFieldError):

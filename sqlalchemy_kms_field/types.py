@@ -18,14 +18,16 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect, Engine
-from sqlalchemy.sql import operators
+from sqlalchemy.sql import operators, visitors
 from sqlalchemy.sql.elements import Label, UnaryExpression
+from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from . import envelope
+from . import envelope, row_binding
 from .blind_index import rewrite_comparison
 from .envelope import DataKey
 from .exc import (
+    ConfigurationError,
     DecryptionError,
     EncryptionError,
     KeyNotFoundError,
@@ -33,6 +35,7 @@ from .exc import (
     UnsupportedOperationError,
 )
 from .registry import get_registry
+from .row_binding import Sealed
 
 T = TypeVar("T")
 
@@ -77,8 +80,9 @@ class _Comparator(TypeDecorator.Comparator[Any]):
 
 
 @event.listens_for(Engine, "before_execute")
-def _refuse_ordering(conn: Any, clauseelement: Any, *args: Any) -> None:
-    """A bare ``order_by(col)``/``group_by(col)`` never reaches the comparator: check here."""
+def _refuse_meaningless(conn: Any, clauseelement: Any, *args: Any) -> None:
+    """What never reaches the comparator: a bare ``order_by(col)``/``group_by(col)``, SQL
+    functions of an encrypted column (``func.lower(col)``, ``func.max(col)``) and DISTINCT."""
     for clause in (
         *getattr(clauseelement, "_order_by_clauses", ()),
         *getattr(clauseelement, "_group_by_clauses", ()),
@@ -91,6 +95,38 @@ def _refuse_ordering(conn: Any, clauseelement: Any, *args: Any) -> None:
                 f"cannot ORDER BY or GROUP BY encrypted column {_describe(element)}: values are "
                 "encrypted with random nonces, so their order and equality mean nothing"
             )
+    distinct = bool(getattr(clauseelement, "_distinct", False))
+    for column in getattr(clauseelement, "_raw_columns", ()):
+        if distinct and isinstance(getattr(column, "type", None), _EncryptedType):
+            raise UnsupportedOperationError(
+                f"cannot SELECT DISTINCT encrypted column {_describe(column)}: equal values "
+                "have different ciphertexts"
+            )
+        if isinstance(column, (FunctionElement, UnaryExpression, Label)):
+            _refuse_functions_of(column)
+    where = getattr(clauseelement, "whereclause", None)
+    if where is not None:
+        _refuse_functions_of(where)
+
+
+def _refuse_functions_of(expr: Any) -> None:
+    """Refuse a SQL function (or DISTINCT) applied to an encrypted column; ``count`` is fine
+    (it counts non-NULL values, which are NULL in the clear)."""
+    for node in visitors.iterate(expr):
+        if isinstance(node, FunctionElement) and getattr(node, "name", "") != "count":
+            what = f"SQL function {getattr(node, 'name', 'function')}()"
+        elif isinstance(node, UnaryExpression) and node.operator is operators.distinct_op:
+            what = "DISTINCT"
+        else:
+            continue
+        for inner in visitors.iterate(node):
+            if isinstance(getattr(inner, "type", None), _EncryptedType) and isinstance(
+                inner, sa.ColumnClause
+            ):
+                raise UnsupportedOperationError(
+                    f"cannot apply {what} to encrypted column {_describe(inner)}: the database "
+                    "sees only ciphertext; compute it in Python after reading the values"
+                )
 
 
 def _same_column(expr: Any, other: Any) -> bool:
@@ -104,19 +140,142 @@ def _describe(expr: Any) -> str:
 
 
 class _EncryptedType(TypeDecorator[T]):
-    """Shared machinery. Subclasses set ``_binary`` and implement the two codec methods."""
+    """Shared machinery. Subclasses set ``codec`` (and ``_binary``) and the two codec methods.
+
+    A value is bound to its place (format kf2): the table and column the type is attached to,
+    or the explicit ``context="table.column"``, and the codec, are authenticated with it.
+    """
 
     cache_ok = True
     impl: Any = sa.Text
     comparator_factory = _Comparator
     _binary = False
+    codec = "str"
 
     key: str
     accept_plaintext: bool
+    context: tuple[str, str] | None
+    pad: int
+    _column: sa.Column[Any] | None = None
+    _copy = False
+    _context_bytes: bytes | None = None
 
-    def _setup(self, key: str, accept_plaintext: bool) -> None:
+    def _setup(
+        self,
+        key: str,
+        accept_plaintext: bool,
+        context: str | tuple[str, str] | None,
+        pad: int | None,
+        default_pad: int = 0,
+        bind_to: tuple[str, ...] | list[str] | str = (),
+    ) -> None:
         self.key = envelope.check_key_name(key)
+        names = (bind_to,) if isinstance(bind_to, str) else tuple(bind_to)
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ConfigurationError(f"bind_to must name distinct columns, got {bind_to!r}")
+        if names and self._binary:
+            raise ConfigurationError(
+                f"{type(self).__name__} cannot be bound to other columns of its row (bind_to): "
+                "a binary value cannot be read together with them; use EncryptedText or "
+                "EncryptedString for a row-bound value"
+            )
+        self.bind_to = names
         self.accept_plaintext = bool(accept_plaintext)
+        self.context = None if context is None else envelope.context_name(context)
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
+            raise ConfigurationError(f"pad must be a whole number of bytes (0: none), got {pad!r}")
+        self._explicit_pad = pad
+        self.pad = default_pad if pad is None else pad
+
+    # Where the type stands: the column it is attached to ------------------------------------
+
+    def _set_parent(self, parent: Any, outer: bool = False, **kw: Any) -> None:
+        super()._set_parent(parent, outer=outer, **kw)
+        if not isinstance(parent, sa.Column):
+            return
+        if self._column is not None and self._column is not parent and not self._copy:
+            raise ConfigurationError(
+                f"this {type(self).__name__} is already the type of column "
+                f"{self._column.name!r}; give each encrypted column a type instance of its own "
+                "(values are bound to their column)"
+            )
+        self._column, self._copy = parent, False
+        self.__dict__.pop("_context_bytes", None)
+
+    def copy(self, **kw: Any) -> Any:
+        # Copies serve a column's dialect-specific form (same column) or a copied Column
+        # (which attaches the copy to itself next): both keep the place until re-attached.
+        other = super().copy(**kw)
+        other._copy = True
+        return other
+
+    def place(self) -> tuple[str, str]:
+        """``(table, column)`` this type's values are bound to; ConfigurationError if unknown."""
+        if self.context is not None:
+            return self.context
+        col = self._column
+        table = getattr(col, "table", None) if col is not None else None
+        if col is None or not isinstance(table, sa.Table):
+            raise ConfigurationError(
+                f"{self!r} is not the type of a table's column, so it cannot know which table "
+                "and column its values belong to; use it in a Column of a Table (or a mapped "
+                "column), or pass context='table.column'"
+            )
+        return table.name, col.name
+
+    def row_context(self, row: list[tuple[str, str]]) -> bytes:
+        """The context of a row-bound value: this column's, plus the bound columns' text."""
+        table, column = self.place()
+        return envelope.encode_context(table, column, self.codec, row)
+
+    def encrypt_for_row(self, value: Any, row: list[tuple[str, str]]) -> Any:
+        """The stored form of ``value`` bound to ``row`` (used by the row-binding hook)."""
+        self._check_bind_to()
+        data = self._serialize(value)
+        key = get_registry().active_key(self.key)
+        return key.encrypt_text(data, self.row_context(row), self.pad)
+
+    def _check_bind_to(self) -> None:
+        col = self._column
+        if col is None or not isinstance(col.table, sa.Table):
+            self.place()  # raises, naming the fix
+            return
+        for name in self.bind_to:
+            bound = col.table.c.get(name)
+            if bound is None:
+                raise ConfigurationError(
+                    f"{self._where()} is bound to column {name!r} (bind_to), which table "
+                    f"{col.table.name!r} does not have"
+                )
+            if bound is col.table.autoincrement_column:
+                raise ConfigurationError(
+                    f"{self._where()} cannot be bound to {name!r}: it is an autoincrement key, "
+                    "unknown until the row is inserted; bind to a client-side key (a UUID "
+                    "with default=uuid.uuid4) or a tenant id instead"
+                )
+
+    @property
+    def _has_column_expression(self) -> bool:
+        return bool(self.bind_to)
+
+    def column_expression(self, colexpr: Any) -> Any:
+        if not self.bind_to:
+            return None
+        return row_binding.read_expression(self, colexpr)
+
+    def context_bytes(self) -> bytes:
+        """The associated-data context of this column's values (computed once)."""
+        ctx = self._context_bytes
+        if ctx is None:
+            table, column = self.place()
+            ctx = self._context_bytes = envelope.encode_context(table, column, self.codec)
+        return ctx
+
+    def _where(self) -> str:
+        try:
+            return "{}.{}".format(*self.place())
+        except ConfigurationError:
+            return "an encrypted column"
 
     # Codec: plaintext Python value <-> bytes -----------------------------------------------
 
@@ -135,61 +294,100 @@ class _EncryptedType(TypeDecorator[T]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         if value is None:
             return None
+        if value.__class__ is Sealed:
+            return value.value
+        if self.bind_to:
+            raise self._unbound_write()
         data = self._serialize(value)
+        ctx = self.context_bytes()
         key = get_registry().active_key(self.key)
         if self._binary:
-            return key.encrypt_binary(data)
-        return key.encrypt_text(data)
+            return key.encrypt_binary(data, ctx, self.pad)
+        return key.encrypt_text(data, ctx, self.pad)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> T | None:
         if value is None:
             return None
         if self._binary:
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise self._not_ours(value)
             value = bytes(value)
-            found = envelope.parse_header(value)
-            if found is None:
-                return self._plaintext_or_fail(value)
-            return self._deserialize(self._key(*found).decrypt_binary(value))
-        head = value.rpartition(":")[0]
-        key = get_registry().key_for_header(head)
-        if key is None or key.name != self.key:
-            found = envelope.parse_header(value)
-            if found is None:
-                return self._plaintext_or_fail(value)
-            key = self._key(*found)
-        return self._deserialize(key.decrypt_text(value))
+        elif not isinstance(value, str):
+            raise self._not_ours(value)
+        ctx: bytes | None = None
+        if self.bind_to:
+            value, row = row_binding.split(self, value)
+            ctx = self.row_context(row)
+        found = envelope.parse(value)
+        if found is None:
+            return self._plaintext_or_fail(value)
+        key = self._key(found[1], found[2])
+        if ctx is None:
+            ctx = self.context_bytes()
+        try:
+            data = key.decrypt_binary(value, ctx) if self._binary else key.decrypt_text(value, ctx)
+        except DecryptionError as exc:
+            raise DecryptionError(f"{self._where()}: {exc}") from None
+        return self._decoded(data, key)
+
+    def _decoded(self, data: bytes, key: DataKey) -> T:
+        """``_deserialize``, with any failure as a DecryptionError that holds no plaintext."""
+        try:
+            return self._deserialize(data)
+        except Exception:  # noqa: S110 - its text may hold the plaintext: dropped, not chained
+            pass
+        raise DecryptionError(
+            f"{self._where()}: a value under data key {key.name!r} version {key.version} "
+            f"authenticated but is not a valid {self.codec} value"
+        )
 
     # The same, without TypeDecorator's layers per value (they cost about as much as the
     # cipher): used where the impl type has no processor of its own, as with every driver here.
 
+    def _unbound_write(self) -> EncryptionError:
+        return EncryptionError(
+            f"{self._where()} is bound to {', '.join(self.bind_to)} of its row, but this write "
+            "did not go through the row-binding hook (an upsert's SET, a bindparam without "
+            "the row?); write it with insert()/update() and the bound columns' values"
+        )
+
     def bind_processor(self, dialect: Dialect) -> Any:
         general = super().bind_processor(dialect)
-        if general is None or self._impl_processes(dialect, "bind"):
+        if general is None or self.bind_to or self._impl_processes(dialect, "bind"):
             return general
-        serialize, name, binary = self._serialize, self.key, self._binary
+        serialize, name, binary, pad = self._serialize, self.key, self._binary, self.pad
+        context_bytes = self.context_bytes
 
         def process(value: Any) -> Any:
             if value is None:
                 return None
             data = serialize(value)
             key = get_registry().active_key(name)
-            return key.encrypt_binary(data) if binary else key.encrypt_text(data)
+            if binary:
+                return key.encrypt_binary(data, context_bytes(), pad)
+            return key.encrypt_text(data, context_bytes(), pad)
 
         return process
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         general = super().result_processor(dialect, coltype)
-        if general is None or self._binary or self._impl_processes(dialect, "result", coltype):
+        if general is None or self._binary or self.bind_to:
             return general
-        deserialize, name = self._deserialize, self.key
+        if self._impl_processes(dialect, "result", coltype):
+            return general
+        deserialize, name, context_bytes = self._deserialize, self.key, self.context_bytes
 
         def process(value: Any) -> Any:
-            # The common case inline: a text value under this column's key, already unwrapped.
-            if value is not None and (
+            # The common case inline: a kf2 text value under this column's key, already
+            # unwrapped. Anything else (and any failure) takes the general path.
+            if value.__class__ is str and (
                 key := get_registry().key_for_header(value.rpartition(":")[0])
             ):
                 if key.name == name:
-                    return deserialize(key.decrypt_text(value))
+                    try:
+                        return deserialize(key.decrypt_text(value, context_bytes()))
+                    except Exception:  # noqa: S110 - the general path raises it, plaintext-free
+                        pass
             return general(value)
 
         return process
@@ -211,28 +409,48 @@ class _EncryptedType(TypeDecorator[T]):
     def _key(self, name: str, version: int) -> DataKey:
         if name != self.key:
             raise DecryptionError(
-                f"the value was written under data key {name!r} version {version}, but this "
-                f"column uses data key {self.key!r}: values cannot move between keys"
+                f"{self._where()}: the value was written under data key {name!r} version "
+                f"{version}, but this column uses data key {self.key!r}: values cannot move "
+                "between keys"
             )
         try:
             return get_registry().data_key(name, version)
         except (KeyNotFoundError, KeyStateError) as exc:
             raise DecryptionError(
-                f"cannot decrypt a value under data key {name!r} version {version}: {exc}"
+                f"{self._where()}: cannot decrypt a value under data key {name!r} version "
+                f"{version}: {exc}"
             ) from exc
+
+    def _not_ours(self, value: Any) -> DecryptionError:
+        return DecryptionError(
+            f"{self._where()} (data key {self.key!r}) holds a {type(value).__name__}, not "
+            "sqlalchemy-kms-field ciphertext; check the column's SQL type"
+        )
 
     def _plaintext_or_fail(self, value: Any) -> T:
         # A value that starts like our header but does not parse was altered: never plaintext.
-        if self.accept_plaintext and value[:4] not in ("kf1:", b"kf1:"):
-            return self._from_plaintext(value)
+        if self.accept_plaintext and not envelope.looks_like_header(value):
+            try:
+                return self._from_plaintext(value)
+            except Exception:  # noqa: S110 - the error would quote the stored plaintext
+                pass
+            raise DecryptionError(
+                f"{self._where()}: a plaintext value (accept_plaintext=True) is not a valid "
+                f"{self.codec} value"
+            )
+        if self.accept_plaintext:
+            raise DecryptionError(
+                f"{self._where()}: a value starts like a sqlalchemy-kms-field header but does "
+                "not parse (altered?); it is refused, not returned as plaintext"
+            )
         raise DecryptionError(
-            f"a value in a column encrypted with data key {self.key!r} is not "
-            "sqlalchemy-kms-field ciphertext (no 'kf1:' header); if the column is being "
+            f"{self._where()}: a value in a column encrypted with data key {self.key!r} is not "
+            "sqlalchemy-kms-field ciphertext (no 'kf2:' header); if the column is being "
             "migrated from plaintext, declare it with accept_plaintext=True"
         )
 
     def _refuse_ciphertext(self, value: str | bytes) -> None:
-        if value[:4] in ("kf1:", b"kf1:"):
+        if value[:2] in ("kf", b"kf"):
             envelope.refuse_ciphertext(value)
 
     def _mysql_text(self, dialect: Dialect, length: int | None) -> TypeEngine[Any]:
@@ -249,6 +467,13 @@ class _EncryptedType(TypeDecorator[T]):
         args = [p for p in positional if p]
         if self.key != DEFAULT_KEY:
             args.append(f"key={self.key!r}")
+        if self.context is not None:
+            dotted = any("." in part for part in self.context)
+            args.append(f"context={self.context if dotted else '.'.join(self.context)!r}")
+        if self.bind_to:
+            args.append(f"bind_to={self.bind_to!r}")
+        if self._explicit_pad is not None:
+            args.append(f"pad={self._explicit_pad}")
         if self.accept_plaintext:
             args.append("accept_plaintext=True")
         return f"{type(self).__name__}({', '.join(args)})"
@@ -259,35 +484,53 @@ class EncryptedString(_EncryptedType[str]):
 
     ``length`` counts plaintext characters: the database column is sized for the ciphertext of
     ``length`` characters of any Unicode text (about 5.5 times as many ASCII characters).
-    ``accept_plaintext=True`` reads header-less values as plaintext, for the window of
-    ``op.encrypt_column``; values with a header must still authenticate.
+    ``key`` names the data key. ``context="table.column"`` names the place values are bound to
+    (default: the table and column the type is attached to; set it to keep a renamed column
+    readable). ``pad`` pads plaintexts to a multiple of that many bytes, so that lengths leak
+    only their bucket (default 0: exact lengths). ``accept_plaintext=True`` reads header-less
+    values as plaintext, for the window of ``op.encrypt_column``; values with a header must
+    still authenticate.
     """
 
     cache_ok = True
     impl = sa.String
 
     def __init__(
-        self, length: int | None = None, key: str = DEFAULT_KEY, accept_plaintext: bool = False
+        self,
+        length: int | None = None,
+        key: str = DEFAULT_KEY,
+        accept_plaintext: bool = False,
+        *,
+        context: str | tuple[str, str] | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
-        self._setup(key, accept_plaintext)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
         self.length = length
         if length is None:
             super().__init__()
         else:
-            super().__init__(envelope.text_length(4 * length, self.key))
+            super().__init__(self._stored_length())
+
+    def _stored_length(self) -> int | None:
+        if self.length is None:
+            return None
+        return envelope.text_length(4 * self.length, self.key, self.pad)
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            n = None if self.length is None else envelope.text_length(4 * self.length, self.key)
-            return self._mysql_text(dialect, n)
+            return self._mysql_text(dialect, self._stored_length())
         return self.impl_instance
 
     def _serialize(self, value: Any) -> bytes:
         if not isinstance(value, str):
-            raise EncryptionError(f"{self!r} takes str values, got {type(value).__name__}")
+            raise EncryptionError(
+                f"{self!r} for {self._where()} takes str values, got {type(value).__name__}"
+            )
         if self.length is not None and len(value) > self.length:
             raise EncryptionError(
-                f"a value of {len(value)} characters does not fit {self!r}; raise the length"
+                f"a value of {len(value)} characters does not fit {self!r} for "
+                f"{self._where()}; raise the length"
             )
         self._refuse_ciphertext(value)
         try:
@@ -310,8 +553,15 @@ class EncryptedText(EncryptedString):
     cache_ok = True
     impl = sa.Text
 
-    def __init__(self, key: str = DEFAULT_KEY, accept_plaintext: bool = False) -> None:
-        super().__init__(None, key=key, accept_plaintext=accept_plaintext)
+    def __init__(
+        self,
+        key: str = DEFAULT_KEY,
+        accept_plaintext: bool = False,
+        *,
+        context: str | tuple[str, str] | None = None,
+        pad: int | None = None,
+    ) -> None:
+        super().__init__(None, key=key, accept_plaintext=accept_plaintext, context=context, pad=pad)
 
     def __repr__(self) -> str:
         return self._args_repr()
@@ -324,20 +574,32 @@ class EncryptedBytes(_EncryptedType[bytes]):
 
     impl = sa.LargeBinary
     _binary = True
+    codec = "bytes"
 
     def __init__(
-        self, length: int | None = None, key: str = DEFAULT_KEY, accept_plaintext: bool = False
+        self,
+        length: int | None = None,
+        key: str = DEFAULT_KEY,
+        accept_plaintext: bool = False,
+        *,
+        context: str | tuple[str, str] | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
-        self._setup(key, accept_plaintext)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
         self.length = length
         if length is None:
             super().__init__()
         else:
-            super().__init__(envelope.binary_length(length, self.key))
+            super().__init__(envelope.binary_length(length, self.key, self.pad))
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            size = None if self.length is None else envelope.binary_length(self.length, self.key)
+            size = (
+                None
+                if self.length is None
+                else envelope.binary_length(self.length, self.key, self.pad)
+            )
             if size is None or size > 16000:
                 return dialect.type_descriptor(mysql.LONGBLOB())
             return dialect.type_descriptor(mysql.VARBINARY(size))
@@ -345,10 +607,14 @@ class EncryptedBytes(_EncryptedType[bytes]):
 
     def _serialize(self, value: Any) -> bytes:
         if not isinstance(value, (bytes, bytearray, memoryview)):
-            raise EncryptionError(f"{self!r} takes bytes values, got {type(value).__name__}")
+            raise EncryptionError(
+                f"{self!r} for {self._where()} takes bytes values, got {type(value).__name__}"
+            )
         data = bytes(value)
         if self.length is not None and len(data) > self.length:
-            raise EncryptionError(f"a value of {len(data)} bytes does not fit {self!r}")
+            raise EncryptionError(
+                f"a value of {len(data)} bytes does not fit {self!r} for {self._where()}"
+            )
         self._refuse_ciphertext(data)
         return data
 
@@ -366,9 +632,18 @@ class EncryptedJSON(_EncryptedType[Any]):
     """
 
     cache_ok = True
+    codec = "json"
 
-    def __init__(self, key: str = DEFAULT_KEY, accept_plaintext: bool = False) -> None:
-        self._setup(key, accept_plaintext)
+    def __init__(
+        self,
+        key: str = DEFAULT_KEY,
+        accept_plaintext: bool = False,
+        *,
+        context: str | tuple[str, str] | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
+    ) -> None:
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
         super().__init__()
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
@@ -381,10 +656,12 @@ class EncryptedJSON(_EncryptedType[Any]):
             self._refuse_ciphertext(value)
         try:
             return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-        except (TypeError, ValueError) as exc:
-            raise EncryptionError(
-                f"{self!r} takes JSON-serializable values, got {type(value).__name__}"
-            ) from exc
+        except (TypeError, ValueError):
+            pass  # the error text may quote the value
+        raise EncryptionError(
+            f"{self!r} for {self._where()} takes JSON-serializable values, got "
+            f"{type(value).__name__}"
+        )
 
     def _deserialize(self, data: bytes) -> Any:
         return json.loads(data)
@@ -398,20 +675,26 @@ class EncryptedJSON(_EncryptedType[Any]):
 
 # Generic wrapper ---------------------------------------------------------------------------
 
-Codec = tuple[type | tuple[type, ...], Callable[[Any], str], Callable[[str], Any]]
+Codec = tuple[str, type | tuple[type, ...], Callable[[Any], str], Callable[[str], Any]]
 
 
 def _enum_codec(inner: sa.Enum) -> Codec:
     enum_class = inner.enum_class
     if enum_class is not None:
-        return enum_class, lambda v: v.name, lambda s: enum_class[s]
+        return "enum", enum_class, lambda v: v.name, lambda s: enum_class[s]
 
     def check(v: Any) -> str:
         if v not in inner.enums:
-            raise EncryptionError(f"{v!r} is not one of the values of {inner!r}")
+            # Not the value itself: it is plaintext.
+            raise EncryptionError(f"a value that is not one of the members of {inner!r}")
         return str(v)
 
-    return str, check, str
+    def load(s: str) -> str:
+        if s not in inner.enums:
+            raise ValueError("not a member")
+        return s
+
+    return "enum", str, check, load
 
 
 def _codec(inner: TypeEngine[Any]) -> Codec:
@@ -419,29 +702,30 @@ def _codec(inner: TypeEngine[Any]) -> Codec:
     if isinstance(inner, sa.Enum):
         return _enum_codec(inner)
     if isinstance(inner, sa.Boolean):
-        return bool, lambda v: "1" if v else "0", lambda s: s == "1"
+        return "bool", bool, lambda v: "1" if v else "0", _load_bool
     if isinstance(inner, sa.DateTime):
-        return dt.datetime, dt.datetime.isoformat, dt.datetime.fromisoformat
+        return "datetime", dt.datetime, dt.datetime.isoformat, dt.datetime.fromisoformat
     if isinstance(inner, sa.Date):
-        return dt.date, dt.date.isoformat, dt.date.fromisoformat
+        return "date", dt.date, dt.date.isoformat, dt.date.fromisoformat
     if isinstance(inner, sa.Time):
-        return dt.time, dt.time.isoformat, dt.time.fromisoformat
+        return "time", dt.time, dt.time.isoformat, dt.time.fromisoformat
     if isinstance(inner, sa.Interval):
         return (
+            "interval",
             dt.timedelta,
             lambda v: f"{v.days}:{v.seconds}:{v.microseconds}",
             lambda s: dt.timedelta(*map(int, s.split(":"))),
         )
     if isinstance(inner, sa.Uuid):
         if inner.as_uuid:
-            return uuid.UUID, str, uuid.UUID
-        return str, lambda v: str(uuid.UUID(v)), str
+            return "uuid", uuid.UUID, str, uuid.UUID
+        return "uuid", str, lambda v: str(uuid.UUID(v)), lambda s: str(uuid.UUID(s))
     if isinstance(inner, sa.Integer):
-        return int, str, int
+        return "int", int, str, int
     if isinstance(inner, sa.Float) and not inner.asdecimal:
-        return (float, int), lambda v: repr(float(v)), float
+        return "float", (float, int), lambda v: repr(float(v)), float
     if isinstance(inner, sa.Numeric):
-        return (decimal.Decimal, int), str, decimal.Decimal
+        return "decimal", (decimal.Decimal, int), str, decimal.Decimal
     if isinstance(inner, (sa.String, sa.LargeBinary, sa.JSON)):
         raise TypeError(
             f"use EncryptedString, EncryptedBytes or EncryptedJSON, not Encrypted({inner!r})"
@@ -449,35 +733,62 @@ def _codec(inner: TypeEngine[Any]) -> Codec:
     raise TypeError(f"Encrypted() does not know how to serialize {inner!r} yet")
 
 
+def _load_bool(s: str) -> bool:
+    if s not in ("0", "1"):
+        raise ValueError("not a boolean")
+    return s == "1"
+
+
+def _default_pad(codec: str, inner: TypeEngine[Any]) -> int:
+    pad = envelope.DEFAULT_PADS.get(codec, 0)
+    if isinstance(inner, sa.Enum):
+        # Every member the same length: a bucket that holds the longest name.
+        longest = max((len(e.encode("utf-8")) for e in inner.enums), default=0)
+        pad = max(pad, envelope.padded_size(longest, 16))
+    return pad
+
+
 class Encrypted(_EncryptedType[Any]):
     """Encrypt a value of another column type: ``Encrypted(sa.Date(), key="pii")``.
 
     Supported: Date, DateTime (with or without time zone), Time, Interval, Integer, Numeric,
     Float, Boolean, Enum and Uuid. Each value is serialized losslessly to text (ISO 8601 for
-    times, the member name for enums) and comes back as the same Python type.
+    times, the member name for enums) and comes back as the same Python type. These types have
+    few possible values, so their plaintexts are padded by default (16 to 48 bytes, every
+    member of an Enum to the same length): a value's length does not give it away.
     """
 
     cache_ok = True
     impl = sa.String
 
     def __init__(
-        self, inner: TypeEngine[Any], key: str = DEFAULT_KEY, accept_plaintext: bool = False
+        self,
+        inner: TypeEngine[Any],
+        key: str = DEFAULT_KEY,
+        accept_plaintext: bool = False,
+        *,
+        context: str | tuple[str, str] | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
-        self._setup(key, accept_plaintext)
         self.inner = sa.types.to_instance(inner)
-        self._py_type, self._encode, self._decode = _codec(self.inner)
-        super().__init__(envelope.text_length(255, self.key))
+        self.codec, self._py_type, self._encode, self._decode = _codec(self.inner)
+        default_pad = _default_pad(self.codec, self.inner)
+        self._setup(key, accept_plaintext, context, pad, default_pad, bind_to=bind_to)
+        super().__init__(envelope.text_length(255, self.key, self.pad))
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            return self._mysql_text(dialect, envelope.text_length(255, self.key))
+            return self._mysql_text(dialect, envelope.text_length(255, self.key, self.pad))
         return self.impl_instance
 
     def _serialize(self, value: Any) -> bytes:
         if not isinstance(value, self._py_type) or (
             isinstance(value, bool) and self._py_type in (int, (float, int), (decimal.Decimal, int))
         ):
-            raise EncryptionError(f"{self!r} cannot store a {type(value).__name__}")
+            raise EncryptionError(
+                f"{self!r} for {self._where()} cannot store a {type(value).__name__}"
+            )
         text = self._encode(value)
         if len(text.encode("utf-8")) > 255:
             raise EncryptionError(f"the serialized value is too long for {self!r}")

@@ -77,9 +77,10 @@ def _now() -> datetime:
 class _Transform:
     """What one job does to one stored value, and which rows it concerns (by SQL alone).
 
-    A kf2 value is bound to its context (logical table, column and codec): the job opens and
-    writes values of ``place`` = (table, column) with the codec given or learnt from the column
-    itself (:meth:`learn_codec`). kf1 values (format 1, no context) open under any context.
+    A kf2 value is bound to its context: ``place`` = (logical table, column), the codec (given,
+    or learnt from the column itself by :meth:`learn_codec`) and, for a row-bound column, the
+    text of the columns ``bind_to`` names, read with each row. kf1 values (format 1) were bound
+    to nothing and open under any context.
     """
 
     def __init__(
@@ -92,6 +93,7 @@ class _Transform:
         place: tuple[str, str],
         codec: str | None = None,
         pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
         self.operation = operation
         self.key = key
@@ -99,6 +101,7 @@ class _Transform:
         self.registry = registry
         self.binary = binary
         self.place = place
+        self.bind_to = bind_to
         self.codec: str | None = None
         self.context = b""  # encode_context(*place, codec) once the codec is known
         self.pad = 0
@@ -108,8 +111,8 @@ class _Transform:
         # Every format's prefix of this key: "kf1:pii:", "kf2:pii:" (all of the same length).
         self.key_prefixes = [f"{fmt}:{key}:" for fmt in envelope.FORMATS]
         # Source keys met so far, by their exact header (bytes for binary columns), as the
-        # function that opens a value: a row's header is then one dict lookup.
-        self._openers: dict[str | bytes, Callable[[Any], bytes]] = {}
+        # method that opens a value (value, context): a row's header is one dict lookup.
+        self._openers: dict[str | bytes, Callable[[Any, bytes], bytes]] = {}
         self._colon: str | bytes = b":" if binary else ":"
         self._after_name = len(self.key_prefixes[0])
 
@@ -134,6 +137,17 @@ class _Transform:
     def _starts(self, col: sa.ColumnElement[Any], text: str) -> sa.ColumnElement[bool]:
         return census.starts_with(col, text.encode("ascii") if self.binary else text)
 
+    def contexts(self, bound: Sequence[Sequence[str]] | None) -> bytes | list[bytes]:
+        """The context of every value (one for all, unless the column binds row fields)."""
+        if not self.bind_to or self.codec is None:  # no codec yet: kf1 values, which ignore it
+            return self.context
+        assert bound is not None, "a row-bound column's values come with their bound columns"
+        table, column, codec, names = *self.place, self.codec, self.bind_to
+        return [
+            envelope.encode_context(table, column, codec, zip(names, row, strict=True))
+            for row in bound
+        ]
+
     # The codec ------------------------------------------------------------------------------
 
     def candidates(self) -> list[str]:
@@ -142,16 +156,17 @@ class _Transform:
             return [self.codec]
         return ["bytes"] if self.binary else [c for c in envelope.CODECS if c != "bytes"]
 
-    def learn_codec(self, samples: Sequence[Any]) -> None:
+    def learn_codec(self, samples: Sequence[Sequence[Any]]) -> None:
         """Find the codec (or check the one given) on kf2 values of this column.
 
-        The codec whose context authenticates one of ``samples`` is the column's. None does:
-        the values were written for another context (a type declaring ``context=``), or they
-        bind row fields, or they were moved here from another column.
+        ``samples``: (value, text of each bound column). The codec whose context authenticates
+        one of them is the column's. None does: the values were written for another context (a
+        type declaring ``context=`` or ``bind_to=``), or were moved here from another column.
         """
         reasons: list[str] = []
         for sample in samples:
-            value: str | bytes = bytes(sample) if self.binary else str(sample)
+            value: str | bytes = bytes(sample[0]) if self.binary else str(sample[0])
+            row = list(zip(self.bind_to, sample[1:], strict=True))
             found = envelope.parse(value)
             if found is None or found[0] != envelope.FORMAT or found[1] != self.key:
                 continue
@@ -161,7 +176,7 @@ class _Transform:
                 reasons.append(str(exc))
                 continue
             for codec in self.candidates():
-                context = envelope.encode_context(*self.place, codec)
+                context = envelope.encode_context(*self.place, codec, row)
                 try:
                     if isinstance(value, bytes):
                         source.decrypt_binary(value, context)
@@ -175,13 +190,14 @@ class _Transform:
             return
         table, column = self.place
         tried = f"codec {self.codec!r}" if self.codec else "any codec"
+        bound = f", bound to {', '.join(self.bind_to)}" if self.bind_to else ""
         why = f" ({'; '.join(reasons[:2])})" if reasons else ""
         raise ConfigurationError(
             f"the kf2 values of data key {self.key!r} in this column do not authenticate under "
-            f"context {table}.{column} with {tried}{why}: if the column type declares "
-            "context=..., pass the same context= (CLI --context TABLE.COLUMN); pass the "
-            "column's codec= (CLI --codec) if it is known; values bound to other columns of "
-            "their row cannot be rewritten by this job"
+            f"context {table}.{column}{bound} with {tried}{why}: if the column type declares "
+            "context=..., pass the same context= (CLI --context TABLE.COLUMN); if it declares "
+            "bind_to=..., pass the same bind_to= (CLI --bind-to); pass the column's codec= "
+            "(CLI --codec) if it is known"
         )
 
     def need_codec(self) -> str:
@@ -205,28 +221,53 @@ class _Transform:
     def __call__(self, value: Any) -> Any:
         return self.many([value])[0]
 
-    def many(self, values: Sequence[Any]) -> list[Any]:
-        """The new value of each of ``values``; raises KmsFieldError at the first that fails."""
+    def many(
+        self, values: Sequence[Any], bound: Sequence[Sequence[str]] | None = None
+    ) -> list[Any]:
+        """The new value of each of ``values``; raises KmsFieldError at the first that fails.
+
+        ``bound``: for a row-bound column, the text of its bound columns in each value's row.
+        """
         if self.binary:
             values = [bytes(v) for v in values]
-        target, context, pad, binary = self.target, self.context, self.pad, self.binary
+        target, pad, binary = self.target, self.pad, self.binary
         if self.operation == "encrypt":
             for value in values:
                 _refuse_ciphertext(value)
             assert target is not None
             plaintexts = values if binary else [v.encode("utf-8") for v in values]
-            return target.encrypt_many(plaintexts, context, pad_to=pad, binary=binary)
+            return target.encrypt_many(plaintexts, self.contexts(bound), pad_to=pad, binary=binary)
+        if self.codec is None:  # a decrypt job, until it meets a kf2 value to learn from
+            self._learn_from(values, bound)
         # The common case, once per row: a header met before (an exact match of one checked
         # in _opener), one dict lookup.
         openers, colon, after = self._openers, self._colon, self._after_name
-        plaintexts = [
-            (openers.get(v[: v.find(colon, after) + 1]) or self._opener(v))(v) for v in values
-        ]
+        contexts = self.contexts(bound)
+        if isinstance(contexts, bytes):
+            plaintexts = [
+                (openers.get(v[: v.find(colon, after) + 1]) or self._opener(v))(v, contexts)
+                for v in values
+            ]
+        else:
+            plaintexts = [
+                (openers.get(v[: v.find(colon, after) + 1]) or self._opener(v))(v, c)
+                for v, c in zip(values, contexts, strict=True)
+            ]
         if target is not None:
-            return target.encrypt_many(plaintexts, self.context, pad_to=self.pad, binary=binary)
+            return target.encrypt_many(plaintexts, self.contexts(bound), pad_to=pad, binary=binary)
         return plaintexts if binary else [p.decode("utf-8") for p in plaintexts]  # decrypt
 
-    def _opener(self, value: Any) -> Callable[[Any], bytes]:
+    def _learn_from(self, values: Sequence[Any], bound: Sequence[Sequence[str]] | None) -> None:
+        for i, value in enumerate(values):
+            found = envelope.parse(value)
+            if found is not None and found[0] == envelope.FORMAT and found[1] == self.key:
+                try:
+                    self.learn_codec([(value, *(bound[i] if bound else ()))])
+                except ConfigurationError as exc:  # this row's problem (or every kf2 row's)
+                    raise DecryptionError(str(exc)) from None
+                return
+
+    def _opener(self, value: Any) -> Callable[[Any, bytes], bytes]:
         """Check the header of ``value`` and remember how to open values with that header."""
         found = envelope.parse(value)
         if found is None:
@@ -237,17 +278,8 @@ class _Transform:
         if name != self.key:
             raise KmsFieldError(f"value is under data key {name!r}, not {self.key!r}")
         source = self.registry.data_key(name, version)
-        if fmt == envelope.FORMAT and self.codec is None:
-            try:  # a decrypt job meeting its first kf2 value
-                self.learn_codec([value])
-            except ConfigurationError as exc:  # this row's problem (or every kf2 row's)
-                raise DecryptionError(str(exc)) from None
-        decrypt = source.decrypt_binary if self.binary else source.decrypt_text
-        context = self.context  # kf1 values ignore it
-
-        def opener(v: Any) -> bytes:
-            return decrypt(v, context)
-
+        opener: Callable[[Any, bytes], bytes]
+        opener = source.decrypt_binary if self.binary else source.decrypt_text
         head = envelope.header(name, version, fmt)
         self._openers[head.encode("ascii") if self.binary else head] = opener
         return opener
@@ -336,6 +368,7 @@ def run_job(
     context: str | tuple[str, str] | None = None,
     codec: str | None = None,
     pad: int | None = None,
+    bind_to: Sequence[str] | str = (),
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
 
@@ -356,8 +389,9 @@ def run_job(
     type when it declares ``context=``. Without ``codec``, the job learns it from the kf2
     values already in the column (``"bytes"`` for binary columns, ``"str"`` for encrypt); a
     text column holding only kf1 values needs it. ``pad``: the padding of the values written
-    (default ``envelope.DEFAULT_PADS.get(codec, 0)``). Values in format kf1 are read and, by
-    ``reencrypt``, rewritten as kf2, also when they are already on the target version.
+    (default ``envelope.DEFAULT_PADS.get(codec, 0)``). ``bind_to``: the columns of the row
+    the values are bound to, as the column type declares them. Values in format kf1 are read
+    and, by ``reencrypt``, rewritten as kf2, also when they are already on the target version.
 
     ``settle_timeout`` bounds how long the job keeps sweeping rows that other processes are
     still writing under an older version (default: twice the registry's ``active_ttl`` plus
@@ -396,6 +430,7 @@ def run_job(
             f"table {t.fullname!r} has no primary key; re-encryption pages and writes by it"
         )
     source = None
+    bound: list[sa.Column[Any]] = []  # columns of the row the values are bound to
     transform: Any
     if operation == "reindex":
         assert index is not None
@@ -412,10 +447,14 @@ def run_job(
                 f"codec={codec!r} does not fit {'binary' if binary else 'text'} column "
                 f"{ref}: " + ("use 'bytes'" if binary else "'bytes' is for binary columns")
             )
-        transform = _Transform(operation, key, target, registry, binary, place, codec, pad)
+        bound = _bound_columns(t, col, bind_to, index)
+        names = tuple(c.name for c in bound)
+        transform = _Transform(
+            operation, key, target, registry, binary, place, codec, pad, bind_to=names
+        )
         pending = transform.pending(col)
         version = target.version if target else None
-        transform.learn_codec(_kf2_samples(engine, t, col, key, binary))
+        transform.learn_codec(_kf2_samples(engine, col, bound, key, binary))
         if operation != "decrypt":
             transform.need_codec()
     companion = None
@@ -461,6 +500,7 @@ def run_job(
         source=source,
         pending=pending,
         companion=companion,
+        bound=bound,
     )
     deadline = None
     while True:
@@ -529,7 +569,10 @@ class _Job:
         source: sa.Column[Any] | None = None,
         pending: sa.ColumnElement[bool] | None = None,
         companion: sa.Column[Any] | None = None,
+        bound: Sequence[sa.Column[Any]] = (),
     ) -> None:
+        # ``bound``: the columns a row-bound value is bound to, read (as text) after it.
+        self.bound = len(bound)
         # ``companion``: a blind-index column written in the same UPDATE (encrypt with index);
         # the transform then returns (new value, index value).
         self.companion = companion
@@ -543,7 +586,8 @@ class _Job:
         self.result = result
         self.skipped_set: set[tuple[Any, ...]] = set()
         pk_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
-        reads = [col] if source is None else [col, source]
+        reads: list[Any] = [col] if source is None else [col, source]
+        reads += [_bound_text(c) for c in bound]
         if pending is None:
             pending = transform.pending(col)
         self.page = sa.select(*pk, *reads).where(pending).order_by(*pk).limit(batch_size)
@@ -757,7 +801,10 @@ class _Job:
             # The common case, a batch where every row converts: one tight loop. Should a row
             # fail, the loop below does the batch again row by row, to name or skip that row.
             try:
-                news = transform.many([row[n] for row in rows])
+                if self.bound:
+                    news = transform.many([r[n] for r in rows], [r[n + 1 :] for r in rows])
+                else:
+                    news = transform.many([row[n] for row in rows])
             except KmsFieldError:
                 pass
             else:
@@ -767,7 +814,12 @@ class _Job:
         skipped = 0
         for row in rows:
             try:
-                new = transform(row[n], row[n + 1]) if with_source else transform(row[n])
+                if with_source:
+                    new = transform(row[n], row[n + 1])
+                elif self.bound:
+                    new = transform.many([row[n]], [row[n + 1 :]])[0]
+                else:
+                    new = transform(row[n])
             except KmsFieldError as exc:
                 key = tuple(row[:n])
                 if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
@@ -1073,14 +1125,44 @@ def _check_format_options(codec: str | None, pad: int | None) -> None:
         raise ConfigurationError(f"pad={pad!r}: use a whole number of bytes, 0 or more")
 
 
+def _bound_columns(
+    t: sa.Table, col: sa.Column[Any], bind_to: Sequence[str] | str, index: BlindIndex | None
+) -> list[sa.Column[Any]]:
+    names = (bind_to,) if isinstance(bind_to, str) else tuple(bind_to)
+    for name in names:
+        if name not in t.c or name == col.name or names.count(name) > 1:
+            raise ConfigurationError(
+                f"bind_to={names!r}: name distinct other columns of table {t.fullname!r}, as "
+                "the column type's bind_to does"
+            )
+    if names and index is not None:
+        raise ConfigurationError(
+            "a row-bound column (bind_to) cannot be encrypted with its blind index in one job: "
+            "encrypt it, then reindex the blind index"
+        )
+    return [t.c[name] for name in names]
+
+
+def _bound_text(column: sa.Column[Any]) -> sa.ColumnElement[str]:
+    """A bound column as text, exactly as the column types read it (row_binding)."""
+    return sa.func.coalesce(sa.cast(column, sa.String()), "")
+
+
 def _kf2_samples(
-    engine: Engine, t: sa.Table, col: sa.Column[Any], key: str, binary: bool, n: int = 3
+    engine: Engine,
+    col: sa.Column[Any],
+    bound: Sequence[sa.Column[Any]],
+    key: str,
+    binary: bool,
+    n: int = 3,
 ) -> list[Any]:
-    """A few kf2 values of data key ``key`` in ``col``, to learn the column's codec from."""
+    """A few kf2 values of data key ``key`` in ``col`` (with their bound columns' text), to
+    learn the column's codec from."""
     prefix = f"{envelope.FORMAT}:{key}:"
     where = census.starts_with(col, prefix.encode("ascii") if binary else prefix)
+    query = sa.select(col, *(_bound_text(c) for c in bound)).where(where).limit(n)
     with engine.connect() as conn:
-        return list(conn.execute(sa.select(col).where(where).limit(n)).scalars())
+        return [tuple(row) for row in conn.execute(query)]
 
 
 def _count(conn: Connection, t: sa.Table, where: sa.ColumnElement[bool]) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -26,6 +28,7 @@ from sqlalchemy_kms_field.reencrypt import (
     reencrypt_column,
 )
 from tests.helpers import (
+    MASTER_KEY_B64,
     MASTER_KEY_BYTES,
     assert_no_secret,
     configure_local,
@@ -497,7 +500,7 @@ def test_an_undecryptable_row_stops_the_batch_with_a_clean_error(
         reencrypt_column(engine, "people", "email", key="pii", batch_size=50)
 
     error = raised.value
-    assert isinstance(error, reencrypt.ReencryptionError)
+    assert isinstance(error, kf.ReencryptionError)
     assert (error.table, error.column, error.primary_key) == ("people", "email", (_INT_KEYS[6],))
     assert "people.email" in str(error) and "'pii' version 1" in str(error)
     assert_clean(error, registry, SECRET_TEXTS)
@@ -1113,7 +1116,7 @@ def test_a_kf2_value_moved_from_another_column_is_not_laundered(
     kf.rotate_data_key("pii")
     before = stored_docs(engine)
 
-    with pytest.raises(reencrypt.ReencryptionError) as raised:
+    with pytest.raises(kf.ReencryptionError) as raised:
         reencrypt_column(engine, "docs", "body", key="pii", batch_size=3)
 
     error = raised.value
@@ -1150,7 +1153,7 @@ def test_encrypt_refuses_what_is_or_looks_like_ciphertext(
     fill_docs(engine, {1: ("plain one", None), 2: (value, None), 3: ("plain three", None)})
     before = stored_docs(engine)
 
-    with pytest.raises(reencrypt.ReencryptionError) as raised:
+    with pytest.raises(kf.ReencryptionError) as raised:
         encrypt_column(engine, "docs", "body", key="pii")
 
     assert raised.value.primary_key == (2,)
@@ -1246,3 +1249,154 @@ def test_bad_format_options_are_refused_naming_the_argument(
     with pytest.raises(kf.ConfigurationError, match="use 'bytes'"):
         encrypt_column(engine, "docs", "blob", key="pii", codec="str")
     assert stored_docs(engine) == {1: ("x", b"y")}
+
+
+# Row-bound columns (bind_to) --------------------------------------------------------------------
+
+
+def accounts_table(metadata: sa.MetaData) -> sa.Table:
+    return sa.Table(
+        "accounts",
+        metadata,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("tenant", sa.String(20), nullable=False),
+        sa.Column("ssn", kf.EncryptedString(40, key="pii", bind_to=("id", "tenant"))),
+    )
+
+
+SSNS = {i: f"{100 + i}-45-{6789 + i}" for i in range(1, 8)}
+
+
+def test_a_row_bound_column_is_rotated_and_stays_bound_to_its_row(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    t = accounts_table(sa.MetaData())
+    t.create(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            t.insert(), [{"id": i, "tenant": f"t{i % 3}", "ssn": s} for i, s in SSNS.items()]
+        )
+    kf.rotate_data_key("pii")
+    raw = raw_table(t)
+    with engine.connect() as conn:
+        before = dict(conn.execute(sa.select(raw.c.id, raw.c.ssn)).all())
+
+    # Not told the bound columns, the job cannot authenticate any value: it refuses, naming it.
+    with pytest.raises(kf.ConfigurationError, match="--bind-to"):
+        reencrypt_column(engine, "accounts", "ssn", key="pii")
+    with pytest.raises(kf.ConfigurationError, match="bind_to="):
+        reencrypt_column(engine, "accounts", "ssn", key="pii", bind_to=("id", "nope"))
+
+    # A value copied into another row: the job stops at that row, it does not rebind it.
+    with engine.begin() as conn:
+        conn.execute(raw.update().where(raw.c.id == 5).values(ssn=before[2]))
+    with pytest.raises(kf.ReencryptionError) as raised:
+        reencrypt_column(engine, "accounts", "ssn", key="pii", bind_to=("id", "tenant"))
+    assert raised.value.primary_key == (5,)
+    assert_clean(raised.value, registry, list(SSNS.values()))
+    with engine.begin() as conn:
+        conn.execute(raw.update().where(raw.c.id == 5).values(ssn=before[5]))
+
+    result = reencrypt_column(
+        engine, "accounts", "ssn", key="pii", bind_to=("id", "tenant"), batch_size=3
+    )
+
+    assert (result.rows_written, result.finished, result.codec) == (7, True, "str")
+    with engine.connect() as conn:
+        after = dict(conn.execute(sa.select(raw.c.id, raw.c.ssn)).all())
+    assert all(v.startswith("kf2:pii:2:") for v in after.values())
+    registry.forget()
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(t.c.id, t.c.ssn)).all()) == SSNS
+    with engine.begin() as conn:  # still bound: another row's value does not read here
+        conn.execute(raw.update().where(raw.c.id == 5).values(ssn=after[2]))
+    with engine.connect() as conn, pytest.raises(kf.DecryptionError):
+        conn.execute(sa.select(t.c.ssn).where(t.c.id == 5)).all()
+
+
+def test_decrypt_and_encrypt_a_row_bound_column(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    t = accounts_table(sa.MetaData())
+    t.create(engine)
+    with engine.begin() as conn:
+        conn.execute(t.insert(), [{"id": i, "tenant": "t", "ssn": s} for i, s in SSNS.items()])
+    raw = raw_table(t)
+
+    out = decrypt_column(engine, "accounts", "ssn", key="pii", bind_to=("id", "tenant"))
+    assert out.rows_written == 7
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(raw.c.id, raw.c.ssn)).all()) == SSNS
+
+    back = encrypt_column(engine, "accounts", "ssn", key="pii", bind_to=["id", "tenant"])
+    assert back.rows_written == 7
+    registry.forget()
+    with engine.connect() as conn:
+        assert dict(conn.execute(sa.select(t.c.id, t.c.ssn)).all()) == SSNS
+
+
+# The command line passes the options through ----------------------------------------------------
+
+
+def run_cli(engine: sa.Engine, *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_FIELD_")}
+    env.update(
+        KMS_FIELD_DATABASE_URL=engine.url.render_as_string(hide_password=False),
+        KMS_FIELD_MASTER_KEY="local-env:KF_TEST_MASTER_KEY",
+        KF_TEST_MASTER_KEY=MASTER_KEY_B64,
+        KMS_FIELD_ACTIVE_TTL="0",
+        PYTHONIOENCODING="utf-8",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "sqlalchemy_kms_field.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == code, f"exit {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    return proc
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_cli_reencrypt_takes_codec_context_and_bind_to(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    v1 = registry.data_key("pii", 1)
+    declared = envelope.encode_context("customers", "email_address", "json")
+    fill_docs(
+        engine,
+        {1: (kf1_text(v1, b'"one"'), None), 2: (v1.encrypt_text(b'"two"', declared), None)},
+    )
+    before = stored_docs(engine)
+
+    refused = run_cli(engine, "reencrypt", "docs.body", "--key", "pii", code=1).stderr
+    assert "--context" in refused and "--codec" in refused
+    wrong = run_cli(engine, "reencrypt", "docs.body", "--codec", "varchar", code=2).stderr
+    assert "--codec" in wrong
+    assert stored_docs(engine) == before
+
+    done = run_cli(
+        engine, "reencrypt", "docs.body", "--key", "pii", "--context", "customers.email_address"
+    ).stdout
+    assert "reencrypt docs.body: finished" in done
+    assert "bound to:     customers.email_address, codec json" in done
+    after = stored_docs(engine)
+    assert {open_value(registry, b, declared) for b, _ in after.values()} == {b'"one"', b'"two"'}
+
+    run_cli(
+        engine,
+        "decrypt-column",
+        "docs.body",
+        "--key",
+        "pii",
+        "--context",
+        "customers.email_address",
+    )
+    assert stored_docs(engine) == {1: ('"one"', None), 2: ('"two"', None)}
+    run_cli(engine, "encrypt-column", "docs.body", "--key", "pii", "--codec", "json", "--pad", "32")
+    encrypted = stored_docs(engine)
+    assert open_value(registry, encrypted[1][0], ctx("json")) == b'"one"'
+    assert len(envelope.b64decode(encrypted[1][0][len("kf2:pii:1:") :])) == 12 + 32 + 16

@@ -11,6 +11,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -1338,8 +1339,13 @@ def test_decrypt_and_encrypt_a_row_bound_column(
 # The command line passes the options through ----------------------------------------------------
 
 
-def run_cli(engine: sa.Engine, *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    engine: sa.Engine, *args: str, code: int = 0, models: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``kms-field ARGS`` in a subprocess; ``models``: a module file the models setting names."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KMS_FIELD_")}
+    if models is not None:
+        env["KMS_FIELD_MODELS"] = f"{models.stem}:metadata"
     env.update(
         KMS_FIELD_DATABASE_URL=engine.url.render_as_string(hide_password=False),
         KMS_FIELD_MASTER_KEY="local-env:KF_TEST_MASTER_KEY",
@@ -1350,6 +1356,7 @@ def run_cli(engine: sa.Engine, *args: str, code: int = 0) -> subprocess.Complete
     proc = subprocess.run(
         [sys.executable, "-m", "sqlalchemy_kms_field.cli", *args],
         env=env,
+        cwd=models.parent if models is not None else None,
         capture_output=True,
         text=True,
         timeout=180,
@@ -1400,3 +1407,39 @@ def test_cli_reencrypt_takes_codec_context_and_bind_to(
     encrypted = stored_docs(engine)
     assert open_value(registry, encrypted[1][0], ctx("json")) == b'"one"'
     assert len(envelope.b64decode(encrypted[1][0][len("kf2:pii:1:") :])) == 12 + 32 + 16
+
+
+MODELS = """
+import sqlalchemy as sa
+
+import sqlalchemy_kms_field as kf
+
+metadata = sa.MetaData()
+docs = sa.Table(
+    "docs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("body", kf.Encrypted(sa.Integer(), key="pii", context="customers.age")),
+)
+"""
+
+
+@pytest.mark.databases("sqlite")
+def test_cli_takes_context_codec_and_pad_from_the_models(
+    engine: sa.Engine, registry: kf.KeyRegistry, tmp_path: Path
+) -> None:
+    """A column holding only kf1 values cannot tell its codec; the models' declaration does."""
+    v1 = registry.data_key("pii", 1)
+    fill_docs(engine, {1: (kf1_text(v1, b"41"), None), 2: (kf1_text(v1, b"-7"), None)})
+    models = tmp_path / "engine_models.py"
+    models.write_text(MODELS, encoding="utf-8")
+
+    run_cli(engine, "reencrypt", "docs.body", "--key", "pii", code=1)  # no models: no codec
+    done = run_cli(engine, "reencrypt", "docs.body", "--key", "pii", models=models).stdout
+
+    assert "bound to:     customers.age, codec int" in done
+    declared = envelope.encode_context("customers", "age", "int")
+    after = stored_docs(engine)
+    assert [open_value(registry, b, declared) for b, _ in after.values()] == [b"41", b"-7"]
+    body = after[1][0]
+    assert len(envelope.b64decode(body[len("kf2:pii:1:") :])) == 12 + 16 + 16  # the int pad

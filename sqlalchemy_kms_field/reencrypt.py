@@ -197,7 +197,8 @@ class _Transform:
             f"context {table}.{column}{bound} with {tried}{why}: if the column type declares "
             "context=..., pass the same context= (CLI --context TABLE.COLUMN); if it declares "
             "bind_to=..., pass the same bind_to= (CLI --bind-to); pass the column's codec= "
-            "(CLI --codec) if it is known"
+            "(CLI --codec) if it is known; if these values are damaged, pass codec= with "
+            "skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
         )
 
     def need_codec(self) -> str:
@@ -432,6 +433,7 @@ def run_job(
     source = None
     bound: list[sa.Column[Any]] = []  # columns of the row the values are bound to
     transform: Any
+    codec_used: str | None = None
     if operation == "reindex":
         assert index is not None
         if index.source not in t.c:
@@ -454,9 +456,17 @@ def run_job(
         )
         pending = transform.pending(col)
         version = target.version if target else None
-        transform.learn_codec(_kf2_samples(engine, col, bound, key, binary))
+        try:
+            transform.learn_codec(_kf2_samples(engine, col, bound, key, binary))
+        except ConfigurationError:
+            # The few values sampled may be the damaged ones: told the codec and to skip what
+            # does not decrypt, the job goes on (each such row is skipped, named and left).
+            if codec is None or not skip_undecryptable:
+                raise
+            log.warning("%s of %s: sampled kf2 values do not authenticate", operation, ref)
         if operation != "decrypt":
             transform.need_codec()
+        codec_used = transform.codec
     companion = None
     if operation == "encrypt" and index is not None:
         if index_column is None or index_column not in t.c:
@@ -467,7 +477,7 @@ def run_job(
         transform = _WithIndex(transform, index, registry.index_keys(index.key)[0])
     result = JobResult(ref, operation, version, dry_run=dry_run)
     if operation != "reindex":
-        result.context, result.codec = place, transform.codec
+        result.context, result.codec = place, codec_used
 
     todo = 0  # counted (a scan of the table) only for a dry run or a progress display
     if dry_run or progress is not None:

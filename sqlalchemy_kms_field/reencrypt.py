@@ -16,6 +16,13 @@ How it cannot lose data:
   written by a process whose active version had not refreshed yet) and sweeps again, until
   none are left or ``settle_timeout`` passes. Only then is the job marked finished.
 * No ORM is involved, so no ORM events fire.
+
+What it writes is format kf2, bound to the column's context (``envelope.encode_context``): the
+logical table and column (``context=``, default the job's own), the codec (``codec=``, else
+learnt from the kf2 values already in the column) and, for row-bound columns, the bound
+columns' text (``bind_to=``). A value that does not authenticate in that context (moved from
+elsewhere) stops the job at its row. Legacy kf1 values are read, and a re-encryption rewrites
+them as kf2 even on the target version.
 """
 
 from __future__ import annotations

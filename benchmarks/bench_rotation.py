@@ -29,7 +29,7 @@ What it does, in one run:
    (a) baseline, the database's own write speed for the same work: a keyset loop over the
        primary key in batches of ``--batch-size`` (``SELECT id, email ... WHERE id > :last ORDER
        BY id LIMIT :n``); the new value is a cheap transformation of the old one (header
-       ``kf1:bench:1:`` swapped for ``kf1:bench:2:``, so rows keep their size); per batch one
+       ``kf2:bench:1:`` swapped for ``kf2:bench:2:``, so rows keep their size); per batch one
        compare-and-swap ``UPDATE ... FROM unnest(ids, olds, news) AS v WHERE t.id = v.id AND
        t.email = v.old AND t.id BETWEEN :first AND :last`` (arrays in binary format; the range
        keeps PostgreSQL from merge-joining from the start of the index each batch, as the
@@ -72,6 +72,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import sqlalchemy_kms_field as kf
+from sqlalchemy_kms_field import envelope
 from sqlalchemy_kms_field.reencrypt import reencrypt_column
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -171,6 +172,7 @@ def create_table(engine: sa.Engine, name: str) -> sa.Table:
 def fill(engine: sa.Engine, emails: Sequence[str], data_key: kf.DataKey) -> None:
     """Encrypt in Python with the package's own key, load with COPY, keep a copy of the state."""
     encrypt = data_key.encrypt_text
+    context = envelope.encode_context(TABLE, "email", "str")  # as EncryptedString binds them
     create_table(engine, TABLE)
     raw = engine.raw_connection()
     try:
@@ -179,7 +181,7 @@ def fill(engine: sa.Engine, emails: Sequence[str], data_key: kf.DataKey) -> None
                 chunk = 50_000
                 for start in range(0, len(emails), chunk):
                     lines = [
-                        f"{i}\t{encrypt(e.encode('utf-8'))}\n"
+                        f"{i}\t{encrypt(e.encode('utf-8'), context)}\n"
                         for i, e in enumerate(emails[start : start + chunk], start + 1)
                     ]
                     copy.write("".join(lines))
@@ -214,7 +216,7 @@ def restore(engine: sa.Engine, table: str = TABLE, rows: int | None = None) -> N
 
 def baseline(engine: sa.Engine, batch_size: int) -> int:
     """The same keyset rewrite with no SQLAlchemy and no cryptography; returns rows written."""
-    old_head, new_head = f"kf1:{KEY}:1:", f"kf1:{KEY}:2:"
+    old_head, new_head = envelope.header(KEY, 1), envelope.header(KEY, 2)
     skip = len(old_head)
     select = f"SELECT id, email FROM {TABLE} WHERE id > %s ORDER BY id LIMIT %s"
     # %b: the arrays travel in binary format. psycopg dumps a list of str in text format in
@@ -256,7 +258,7 @@ def baseline(engine: sa.Engine, batch_size: int) -> int:
 
 def check(engine: sa.Engine, rows: int, emails: Sequence[str] | None) -> None:
     """Every row is on version 2; a sample of the library's values decrypts to the original."""
-    head = f"kf1:{KEY}:2:"
+    head = envelope.header(KEY, 2)
     with engine.connect() as conn:
         done = conn.exec_driver_sql(
             f"SELECT count(*) FROM {TABLE} WHERE substr(email, 1, {len(head)}) = %(h)s",

@@ -241,6 +241,12 @@ def _resuming(operations: Operations, name: str, job: str) -> bool:
 
 
 class _ColumnJobOp(MigrateOperation):
+    """A column job. ``context=``, ``codec=``, ``pad=`` and ``bind_to=`` say where the values
+    belong, as the column type declares it (see ``reencrypt.run_job``); without them the job
+    binds values to ``table_name.column_name`` and learns the codec from the column's kf2
+    values. A text column holding only kf1 values (written before format kf2) needs ``codec=``.
+    """
+
     operation: Operation
 
     def __init__(self, table: str, column: str, key: str, kwargs: dict[str, Any]) -> None:
@@ -273,9 +279,14 @@ class ReencryptColumnOp(_ColumnJobOp):
         key: str,
         schema: str | None = None,
         batch_size: int = 2000,
+        context: str | tuple[str, str] | None = None,
+        codec: str | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
         **kwargs: Any,
     ) -> Any:
-        kwargs.update(schema=schema, batch_size=batch_size)
+        kwargs.update(schema=schema, batch_size=batch_size, context=context, codec=codec)
+        kwargs.update(pad=pad, bind_to=bind_to)
         return operations.invoke(cls(table_name, column_name, key, kwargs))
 
 
@@ -295,9 +306,14 @@ class EncryptColumnOp(_ColumnJobOp):
         key: str,
         schema: str | None = None,
         batch_size: int = 2000,
+        context: str | tuple[str, str] | None = None,
+        codec: str | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
         **kwargs: Any,
     ) -> Any:
-        kwargs.update(schema=schema, batch_size=batch_size)
+        kwargs.update(schema=schema, batch_size=batch_size, context=context, codec=codec)
+        kwargs.update(pad=pad, bind_to=bind_to)
         return operations.invoke(cls(table_name, column_name, key, kwargs))
 
     def reverse(self) -> MigrateOperation:
@@ -320,9 +336,14 @@ class DecryptColumnOp(_ColumnJobOp):
         key: str,
         schema: str | None = None,
         batch_size: int = 2000,
+        context: str | tuple[str, str] | None = None,
+        codec: str | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
         **kwargs: Any,
     ) -> Any:
-        kwargs.update(schema=schema, batch_size=batch_size)
+        kwargs.update(schema=schema, batch_size=batch_size, context=context, codec=codec)
+        kwargs.update(pad=pad, bind_to=bind_to)
         return operations.invoke(cls(table_name, column_name, key, kwargs))
 
     def reverse(self) -> MigrateOperation:

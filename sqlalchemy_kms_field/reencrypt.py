@@ -16,6 +16,13 @@ How it cannot lose data:
   written by a process whose active version had not refreshed yet) and sweeps again, until
   none are left or ``settle_timeout`` passes. Only then is the job marked finished.
 * No ORM is involved, so no ORM events fire.
+
+What it writes is format kf2, bound to the column's context (``envelope.encode_context``): the
+logical table and column (``context=``, default the job's own), the codec (``codec=``, else
+learnt from the kf2 values already in the column) and, for row-bound columns, the bound
+columns' text (``bind_to=``). A value that does not authenticate in that context (moved from
+elsewhere) stops the job at its row. Legacy kf1 values are read, and a re-encryption rewrites
+them as kf2 even on the target version.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from . import census, envelope
 from .blind_index import BlindIndex
 from .census import ColumnRef
 from .envelope import DataKey, IndexKey
-from .exc import ConfigurationError, KmsFieldError, ReencryptionError
+from .exc import ConfigurationError, DecryptionError, KmsFieldError, ReencryptionError
 from .registry import KeyRegistry, get_registry
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,8 @@ class JobResult:
     finished: bool = False
     dry_run: bool = False
     skipped: list[Any] = field(default_factory=list)  # primary keys of undecryptable rows
+    context: tuple[str, str] | None = None  # the (table, column) kf2 values are bound to
+    codec: str | None = None  # given, or learnt from the column's kf2 values
 
 
 def _now() -> datetime:
@@ -73,7 +82,13 @@ def _now() -> datetime:
 
 
 class _Transform:
-    """What one job does to one stored value, and which rows it concerns (by SQL alone)."""
+    """What one job does to one stored value, and which rows it concerns (by SQL alone).
+
+    A kf2 value is bound to its context: ``place`` = (logical table, column), the codec (given,
+    or learnt from the column itself by :meth:`learn_codec`) and, for a row-bound column, the
+    text of the columns ``bind_to`` names, read with each row. kf1 values (format 1) were bound
+    to nothing and open under any context.
+    """
 
     def __init__(
         self,
@@ -82,77 +97,215 @@ class _Transform:
         target: DataKey | None,
         registry: KeyRegistry,
         binary: bool,
+        place: tuple[str, str],
+        codec: str | None = None,
+        pad: int | None = None,
+        bind_to: tuple[str, ...] = (),
     ) -> None:
         self.operation = operation
         self.key = key
         self.target = target
         self.registry = registry
         self.binary = binary
-        self.key_prefix = f"{envelope.FORMAT}:{key}:"
+        self.place = place
+        self.bind_to = bind_to
+        self.codec: str | None = None
+        self.context = b""  # encode_context(*place, codec) once the codec is known
+        self.pad = 0
+        self._pad_given = pad
+        if codec is not None:
+            self._set_codec(codec)
+        # Every format's prefix of this key: "kf1:pii:", "kf2:pii:" (all of the same length).
+        self.key_prefixes = [f"{fmt}:{key}:" for fmt in envelope.FORMATS]
         # Source keys met so far, by their exact header (bytes for binary columns), as the
-        # bound method that opens a value: a row's header is then one dict lookup.
-        self._openers: dict[str | bytes, Callable[[Any], bytes]] = {}
+        # method that opens a value (value, context): a row's header is one dict lookup.
+        self._openers: dict[str | bytes, Callable[[Any, bytes], bytes]] = {}
         self._colon: str | bytes = b":" if binary else ":"
-        self._after_name = len(self.key_prefix)
+        self._after_name = len(self.key_prefixes[0])
+
+    def _set_codec(self, codec: str) -> None:
+        self.codec = codec
+        self.context = envelope.encode_context(*self.place, codec)
+        given = self._pad_given
+        self.pad = envelope.DEFAULT_PADS.get(codec, 0) if given is None else given
 
     def pending(self, col: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
         """Rows this job still has to rewrite."""
+        ours = sa.or_(*(self._starts(col, prefix) for prefix in self.key_prefixes))
         if self.operation == "decrypt":
-            return self._starts(col, self.key_prefix)
-        done = self.key_prefix
-        if self.operation == "reencrypt":
-            assert self.target is not None
-            done = self.target.header
-        return sa.and_(col.is_not(None), sa.not_(self._starts(col, done)))
+            return ours
+        if self.operation == "encrypt":
+            return sa.and_(col.is_not(None), sa.not_(ours))
+        # Re-encryption: everything not yet kf2 under the target version, kf1 values of the
+        # target version included (they are moved to kf2 in place).
+        assert self.target is not None
+        return sa.and_(col.is_not(None), sa.not_(self._starts(col, self.target.header)))
 
     def _starts(self, col: sa.ColumnElement[Any], text: str) -> sa.ColumnElement[bool]:
         return census.starts_with(col, text.encode("ascii") if self.binary else text)
 
+    def contexts(self, bound: Sequence[Sequence[str]] | None) -> bytes | list[bytes]:
+        """The context of every value (one for all, unless the column binds row fields)."""
+        if not self.bind_to or self.codec is None:  # no codec yet: kf1 values, which ignore it
+            return self.context
+        assert bound is not None, "a row-bound column's values come with their bound columns"
+        table, column, codec, names = *self.place, self.codec, self.bind_to
+        return [
+            envelope.encode_context(table, column, codec, zip(names, row, strict=True))
+            for row in bound
+        ]
+
+    # The codec ------------------------------------------------------------------------------
+
+    def candidates(self) -> list[str]:
+        """The codecs a value of this column may have been written with."""
+        if self.codec is not None:
+            return [self.codec]
+        return ["bytes"] if self.binary else [c for c in envelope.CODECS if c != "bytes"]
+
+    def learn_codec(self, samples: Sequence[Sequence[Any]]) -> None:
+        """Find the codec (or check the one given) on kf2 values of this column.
+
+        ``samples``: (value, text of each bound column). The codec whose context authenticates
+        one of them is the column's. None does: the values were written for another context (a
+        type declaring ``context=`` or ``bind_to=``), or were moved here from another column.
+        """
+        reasons: list[str] = []
+        for sample in samples:
+            value: str | bytes = bytes(sample[0]) if self.binary else str(sample[0])
+            row = list(zip(self.bind_to, sample[1:], strict=True))
+            found = envelope.parse(value)
+            if found is None or found[0] != envelope.FORMAT or found[1] != self.key:
+                continue
+            try:
+                source = self.registry.data_key(found[1], found[2])
+            except KmsFieldError as exc:  # a retired version, KMS refusing: try another value
+                reasons.append(str(exc))
+                continue
+            for codec in self.candidates():
+                context = envelope.encode_context(*self.place, codec, row)
+                try:
+                    if isinstance(value, bytes):
+                        source.decrypt_binary(value, context)
+                    else:
+                        source.decrypt_text(value, context)
+                except DecryptionError:
+                    continue
+                self._set_codec(codec)
+                return
+        if not samples:
+            return
+        table, column = self.place
+        tried = f"codec {self.codec!r}" if self.codec else "any codec"
+        bound = f", bound to {', '.join(self.bind_to)}" if self.bind_to else ""
+        why = f" ({'; '.join(reasons[:2])})" if reasons else ""
+        raise ConfigurationError(
+            f"the kf2 values of data key {self.key!r} in this column do not authenticate under "
+            f"context {table}.{column}{bound} with {tried}{why}: if the column type declares "
+            "context=..., pass the same context= (CLI --context TABLE.COLUMN); if it declares "
+            "bind_to=..., pass the same bind_to= (CLI --bind-to); pass the column's codec= "
+            "(CLI --codec) if it is known; if these values are damaged, pass codec= with "
+            "skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
+        )
+
+    def need_codec(self) -> str:
+        """The codec to write with; a text column with no kf2 value to learn it from needs it."""
+        if self.codec is None and self.binary:
+            self._set_codec("bytes")
+        if self.codec is None and self.operation == "encrypt":
+            self._set_codec("str")
+        if self.codec is None:
+            table, column = self.place
+            raise ConfigurationError(
+                f"no kf2 value of data key {self.key!r} in {table}.{column} tells its codec: "
+                "pass codec= (CLI --codec): 'str' for EncryptedString and EncryptedText, "
+                "'json' for EncryptedJSON, the inner type's codec for Encrypted(...), one of "
+                f"{', '.join(c for c in envelope.CODECS if c != 'bytes')}"
+            )
+        return self.codec
+
+    # Rewriting values -----------------------------------------------------------------------
+
     def __call__(self, value: Any) -> Any:
         return self.many([value])[0]
 
-    def many(self, values: Sequence[Any]) -> list[Any]:
-        """The new value of each of ``values``; raises KmsFieldError at the first that fails."""
+    def many(
+        self, values: Sequence[Any], bound: Sequence[Sequence[str]] | None = None
+    ) -> list[Any]:
+        """The new value of each of ``values``; raises KmsFieldError at the first that fails.
+
+        ``bound``: for a row-bound column, the text of its bound columns in each value's row.
+        """
         if self.binary:
             values = [bytes(v) for v in values]
+        target, pad, binary = self.target, self.pad, self.binary
         if self.operation == "encrypt":
             for value in values:
-                found = envelope.parse_header(value)
-                if found is not None:
-                    raise KmsFieldError(
-                        "value is already ciphertext under data key "
-                        f"{found[0]!r} version {found[1]}"
-                    )
-            assert self.target is not None
-            plaintexts = values if self.binary else [v.encode("utf-8") for v in values]
-            return self.target.encrypt_many(plaintexts, binary=self.binary)
+                _refuse_ciphertext(value)
+            assert target is not None
+            plaintexts = values if binary else [v.encode("utf-8") for v in values]
+            return target.encrypt_many(plaintexts, self.contexts(bound), pad_to=pad, binary=binary)
+        if self.codec is None:  # a decrypt job, until it meets a kf2 value to learn from
+            self._learn_from(values, bound)
         # The common case, once per row: a header met before (an exact match of one checked
         # in _opener), one dict lookup.
         openers, colon, after = self._openers, self._colon, self._after_name
-        plaintexts = [
-            (openers.get(v[: v.find(colon, after) + 1]) or self._opener(v))(v) for v in values
-        ]
-        if self.target is not None:
-            return self.target.encrypt_many(plaintexts, binary=self.binary)
-        return plaintexts if self.binary else [p.decode("utf-8") for p in plaintexts]  # decrypt
+        contexts = self.contexts(bound)
+        if isinstance(contexts, bytes):
+            plaintexts = [
+                (openers.get(v[: v.find(colon, after) + 1]) or self._opener(v))(v, contexts)
+                for v in values
+            ]
+        else:
+            plaintexts = [
+                (openers.get(v[: v.find(colon, after) + 1]) or self._opener(v))(v, c)
+                for v, c in zip(values, contexts, strict=True)
+            ]
+        if target is not None:
+            return target.encrypt_many(plaintexts, self.contexts(bound), pad_to=pad, binary=binary)
+        return plaintexts if binary else [p.decode("utf-8") for p in plaintexts]  # decrypt
 
-    def _opener(self, value: Any) -> Callable[[Any], bytes]:
+    def _learn_from(self, values: Sequence[Any], bound: Sequence[Sequence[str]] | None) -> None:
+        for i, value in enumerate(values):
+            found = envelope.parse(value)
+            if found is not None and found[0] == envelope.FORMAT and found[1] == self.key:
+                try:
+                    self.learn_codec([(value, *(bound[i] if bound else ()))])
+                except ConfigurationError as exc:  # this row's problem (or every kf2 row's)
+                    raise DecryptionError(str(exc)) from None
+                return
+
+    def _opener(self, value: Any) -> Callable[[Any, bytes], bytes]:
         """Check the header of ``value`` and remember how to open values with that header."""
-        found = envelope.parse_header(value)
+        found = envelope.parse(value)
         if found is None:
             raise KmsFieldError(
-                f"value is not ciphertext of data key {self.key!r} (no 'kf1:' header)"
+                f"value is not ciphertext of data key {self.key!r} (no 'kf2:' or 'kf1:' header)"
             )
-        name, version = found
+        fmt, name, version = found
         if name != self.key:
             raise KmsFieldError(f"value is under data key {name!r}, not {self.key!r}")
         source = self.registry.data_key(name, version)
-        opener: Callable[[Any], bytes]
-        if self.binary:
-            opener = self._openers[source.header_bytes] = source.decrypt_binary
-        else:
-            opener = self._openers[source.header] = source.decrypt_text
+        opener: Callable[[Any, bytes], bytes]
+        opener = source.decrypt_binary if self.binary else source.decrypt_text
+        head = envelope.header(name, version, fmt)
+        self._openers[head.encode("ascii") if self.binary else head] = opener
         return opener
+
+
+def _refuse_ciphertext(value: str | bytes) -> None:
+    """Invariant 2, for encrypt: no value that is (or looks like) a ciphertext of ours."""
+    found = envelope.parse(value)
+    if found is not None:
+        raise KmsFieldError(
+            f"value is already ciphertext ({found[0]} under data key {found[1]!r} version "
+            f"{found[2]})"
+        )
+    if envelope.looks_like_header(value):
+        raise KmsFieldError(
+            "value starts like a damaged ciphertext header (kf<digits>: in another case or "
+            "after spaces): refusing to encrypt what is probably an altered ciphertext"
+        )
 
 
 class _WithIndex:
@@ -231,6 +384,10 @@ def run_job(
     index: BlindIndex | None = None,
     index_column: str | None = None,
     wait_for_processes: bool = True,
+    context: str | tuple[str, str] | None = None,
+    codec: str | None = None,
+    pad: int | None = None,
+    bind_to: Sequence[str] | str = (),
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
 
@@ -246,12 +403,23 @@ def run_job(
     re-encryption does not declare itself finished before that moment, since such a process may
     still write under the old version.
 
+    ``context`` (``"table.column"`` or a tuple; default ``(table, column)``) and ``codec``
+    (one of ``envelope.CODECS``) are what kf2 values are bound to: pass those of the column
+    type when it declares ``context=``. Without ``codec``, the job learns it from the kf2
+    values already in the column (``"bytes"`` for binary columns, ``"str"`` for encrypt); a
+    text column holding only kf1 values needs it. ``pad``: the padding of the values written
+    (default ``envelope.DEFAULT_PADS.get(codec, 0)``). ``bind_to``: the columns of the row
+    the values are bound to, as the column type declares them. Values in format kf1 are read
+    and, by ``reencrypt``, rewritten as kf2, also when they are already on the target version.
+
     ``settle_timeout`` bounds how long the job keeps sweeping rows that other processes are
     still writing under an older version (default: twice the registry's ``active_ttl`` plus
     30 seconds). ``skip_undecryptable`` records rows that fail to decrypt instead of stopping.
     """
     if batch_size < 1:
         raise ConfigurationError("batch_size must be at least 1")
+    _check_format_options(codec, pad)
+    place = (table, column) if context is None else envelope.context_name(context)
     if engine.dialect.name == "sqlite" and engine.url.database in (None, "", ":memory:"):
         raise ConfigurationError(
             "re-encryption commits each batch on its own connection; an in-memory SQLite "
@@ -281,7 +449,9 @@ def run_job(
             f"table {t.fullname!r} has no primary key; re-encryption pages and writes by it"
         )
     source = None
+    bound: list[sa.Column[Any]] = []  # columns of the row the values are bound to
     transform: Any
+    codec_used: str | None = None
     if operation == "reindex":
         assert index is not None
         if index.source not in t.c:
@@ -291,9 +461,30 @@ def run_job(
         pending = transform.pending(col, source)
         version: int | None = target_index.version
     else:
-        transform = _Transform(operation, key, target, registry, census.is_binary(col))
+        binary = census.is_binary(col)
+        if codec is not None and (codec == "bytes") != binary:
+            raise ConfigurationError(
+                f"codec={codec!r} does not fit {'binary' if binary else 'text'} column "
+                f"{ref}: " + ("use 'bytes'" if binary else "'bytes' is for binary columns")
+            )
+        bound = _bound_columns(t, col, bind_to, index)
+        names = tuple(c.name for c in bound)
+        transform = _Transform(
+            operation, key, target, registry, binary, place, codec, pad, bind_to=names
+        )
         pending = transform.pending(col)
         version = target.version if target else None
+        try:
+            transform.learn_codec(_kf2_samples(engine, col, bound, key, binary))
+        except ConfigurationError:
+            # The few values sampled may be the damaged ones: told the codec and to skip what
+            # does not decrypt, the job goes on (each such row is skipped, named and left).
+            if codec is None or not skip_undecryptable:
+                raise
+            log.warning("%s of %s: sampled kf2 values do not authenticate", operation, ref)
+        if operation != "decrypt":
+            transform.need_codec()
+        codec_used = transform.codec
     companion = None
     if operation == "encrypt" and index is not None:
         if index_column is None or index_column not in t.c:
@@ -303,6 +494,8 @@ def run_job(
         companion = t.c[index_column]
         transform = _WithIndex(transform, index, registry.index_keys(index.key)[0], table)
     result = JobResult(ref, operation, version, dry_run=dry_run)
+    if operation != "reindex":
+        result.context, result.codec = place, codec_used
 
     todo = 0  # counted (a scan of the table) only for a dry run or a progress display
     if dry_run or progress is not None:
@@ -335,6 +528,7 @@ def run_job(
         source=source,
         pending=pending,
         companion=companion,
+        bound=bound,
     )
     deadline = None
     while True:
@@ -403,7 +597,10 @@ class _Job:
         source: sa.Column[Any] | None = None,
         pending: sa.ColumnElement[bool] | None = None,
         companion: sa.Column[Any] | None = None,
+        bound: Sequence[sa.Column[Any]] = (),
     ) -> None:
+        # ``bound``: the columns a row-bound value is bound to, read (as text) after it.
+        self.bound = len(bound)
         # ``companion``: a blind-index column written in the same UPDATE (encrypt with index);
         # the transform then returns (new value, index value).
         self.companion = companion
@@ -417,7 +614,8 @@ class _Job:
         self.result = result
         self.skipped_set: set[tuple[Any, ...]] = set()
         pk_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
-        reads = [col] if source is None else [col, source]
+        reads: list[Any] = [col] if source is None else [col, source]
+        reads += [_bound_text(c) for c in bound]
         if pending is None:
             pending = transform.pending(col)
         self.page = sa.select(*pk, *reads).where(pending).order_by(*pk).limit(batch_size)
@@ -631,7 +829,10 @@ class _Job:
             # The common case, a batch where every row converts: one tight loop. Should a row
             # fail, the loop below does the batch again row by row, to name or skip that row.
             try:
-                news = transform.many([row[n] for row in rows])
+                if self.bound:
+                    news = transform.many([r[n] for r in rows], [r[n + 1 :] for r in rows])
+                else:
+                    news = transform.many([row[n] for row in rows])
             except KmsFieldError:
                 pass
             else:
@@ -641,7 +842,12 @@ class _Job:
         skipped = 0
         for row in rows:
             try:
-                new = transform(row[n], row[n + 1]) if with_source else transform(row[n])
+                if with_source:
+                    new = transform(row[n], row[n + 1])
+                elif self.bound:
+                    new = transform.many([row[n]], [row[n + 1 :]])[0]
+                else:
+                    new = transform(row[n])
             except KmsFieldError as exc:
                 key = tuple(row[:n])
                 if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
@@ -936,6 +1142,55 @@ def _wait_until_every_process_knows(
     )
     time.sleep(wait)
     return True
+
+
+def _check_format_options(codec: str | None, pad: int | None) -> None:
+    if codec is not None and codec not in envelope.CODECS:
+        raise ConfigurationError(
+            f"codec={codec!r} is not a codec: use one of {', '.join(envelope.CODECS)}"
+        )
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 0):
+        raise ConfigurationError(f"pad={pad!r}: use a whole number of bytes, 0 or more")
+
+
+def _bound_columns(
+    t: sa.Table, col: sa.Column[Any], bind_to: Sequence[str] | str, index: BlindIndex | None
+) -> list[sa.Column[Any]]:
+    names = (bind_to,) if isinstance(bind_to, str) else tuple(bind_to)
+    for name in names:
+        if name not in t.c or name == col.name or names.count(name) > 1:
+            raise ConfigurationError(
+                f"bind_to={names!r}: name distinct other columns of table {t.fullname!r}, as "
+                "the column type's bind_to does"
+            )
+    if names and index is not None:
+        raise ConfigurationError(
+            "a row-bound column (bind_to) cannot be encrypted with its blind index in one job: "
+            "encrypt it, then reindex the blind index"
+        )
+    return [t.c[name] for name in names]
+
+
+def _bound_text(column: sa.Column[Any]) -> sa.ColumnElement[str]:
+    """A bound column as text, exactly as the column types read it (row_binding)."""
+    return sa.func.coalesce(sa.cast(column, sa.String()), "")
+
+
+def _kf2_samples(
+    engine: Engine,
+    col: sa.Column[Any],
+    bound: Sequence[sa.Column[Any]],
+    key: str,
+    binary: bool,
+    n: int = 3,
+) -> list[Any]:
+    """A few kf2 values of data key ``key`` in ``col`` (with their bound columns' text), to
+    learn the column's codec from."""
+    prefix = f"{envelope.FORMAT}:{key}:"
+    where = census.starts_with(col, prefix.encode("ascii") if binary else prefix)
+    query = sa.select(col, *(_bound_text(c) for c in bound)).where(where).limit(n)
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(query)]
 
 
 def _count(conn: Connection, t: sa.Table, where: sa.ColumnElement[bool]) -> int:

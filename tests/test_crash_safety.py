@@ -3,6 +3,8 @@
 - ``alembic upgrade head`` rotating a data key and re-encrypting a large table, SIGKILLed three
   times part way, then run to the end: nothing lost, one rotation, the checkpoint consistent
   with the rows after every kill. Also killed between the rotation and the job's first batch.
+- ``alembic upgrade head`` moving a large table from the legacy format kf1 to kf2 on the same
+  key version, SIGKILLed part way and rerun: every row readable through the ORM model, kf2.
 - The walkthrough migrations in ``migrations/`` run as they are, up and back down.
 - A job that meets a corrupt value stops naming the row, writes nothing of that batch, resumes
   from its checkpoint once the value is repaired, and can skip such rows on request.
@@ -25,12 +27,15 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_kms_field as kf
+from sqlalchemy_kms_field import envelope
 from sqlalchemy_kms_field.exc import ReencryptionError
 from sqlalchemy_kms_field.reencrypt import jobs_table, reencrypt_column
 from tests.helpers import raises_kf, reset_global_registry, wait_for_orphaned_statements
 from tests.kms_server import KmsServer
+from tests.legacy import kf1_text
 
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = ROOT / "migrations"
@@ -171,14 +176,23 @@ def plaintexts(n: int, seed: int = 0) -> dict[int, str]:
     }
 
 
-def fill_users(engine: sa.Engine, values: dict[int, str]) -> None:
-    """Insert ``values`` as EncryptedString stores them: UTF-8, under the active version.
+EMAIL_CONTEXT = envelope.encode_context("users", "email", "str")
+
+
+def fill_users(engine: sa.Engine, values: dict[int, str], fmt: str = envelope.FORMAT) -> None:
+    """Insert ``values`` as EncryptedString stores them: UTF-8, under the active version, in
+    format kf2 (bound to users.email) or, with ``fmt="kf1"``, as the library used to.
 
     The active data key is looked up once (the type would ask the registry for every value,
     which re-reads the key store each time with active_ttl=0).
     """
     active = kf.get_registry().active_key("pii")
-    rows = [(i, active.encrypt_text(v.encode("utf-8"))) for i, v in values.items()]
+    if fmt == envelope.LEGACY_FORMAT:
+        rows = [(i, kf1_text(active, v.encode("utf-8"))) for i, v in values.items()]
+    else:
+        rows = [
+            (i, active.encrypt_text(v.encode("utf-8"), EMAIL_CONTEXT)) for i, v in values.items()
+        ]
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             # COPY: an executemany of 200,000 rows takes 20 s on a small machine, COPY 3 s.
@@ -205,13 +219,16 @@ def assert_all_equal(got: dict[int, str], expected: dict[int, Any]) -> None:
 
 
 def count_on_version(
-    engine: sa.Engine, version: int, where: sa.ColumnElement[bool] | None = None
+    engine: sa.Engine,
+    version: int,
+    where: sa.ColumnElement[bool] | None = None,
+    fmt: str = envelope.FORMAT,
 ) -> int:
-    """Rows whose stored value starts with kf1:pii:<version>: (SQL only, nothing decrypted)."""
+    """Rows whose stored value starts with <fmt>:pii:<version>: (SQL only, nothing decrypted)."""
     q = (
         sa.select(sa.func.count())
         .select_from(users)
-        .where(users.c.email.like(f"kf1:pii:{version}:%"))
+        .where(users.c.email.like(f"{fmt}:pii:{version}:%"))
     )
     if where is not None:
         q = q.where(where)
@@ -384,6 +401,117 @@ def test_killed_right_after_the_rotation_a_rerun_does_not_rotate_again(
     assert key_versions(engine) == [(1, "readable"), (2, "active")], (
         "the rerun rotated a second time: the killed run's rotation was not remembered"
     )
+
+
+# kf1 to kf2 with alembic upgrade, SIGKILLed ---------------------------------------------
+
+TO_KF2_REVISION = '''"""Move users.email from format kf1 to kf2 on the same data key version.
+
+Revision ID: 0002
+Revises: 0001
+"""
+
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.reencrypt_column("users", "email", key="pii", batch_size={batch_size}, codec="str")
+'''
+
+KF1_ROWS, KF1_BATCH = 200_000, 2000
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class User(Base):
+    """The application's model of ``users``."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(kf.EncryptedString(320, key="pii"))
+
+
+@pytest.mark.slow
+@pytest.mark.databases("postgresql")
+def test_sigkilled_kf1_to_kf2_migration_resumes_and_every_row_reads(
+    database: str, db_url: str, engine: sa.Engine, key_file: Path, migrations_dir: Path
+) -> None:
+    """A table written by the library before kf2 (no context in the AAD): the migration moves
+    each row to kf2 on the same key version, is killed half way, and a rerun finishes it."""
+    (migrations_dir / "versions" / "0002_to_kf2.py").write_text(
+        TO_KF2_REVISION.replace("{batch_size}", str(KF1_BATCH))
+    )
+    ini = migrations_dir / "alembic.ini"
+    env = alembic_env(db_url, f"local:{key_file}")
+    run_alembic(ini, env, "upgrade", "0001")
+    configure(engine, key_file)
+    expected = plaintexts(KF1_ROWS, seed=1)
+    fill_users(engine, expected, fmt="kf1")
+    assert count_on_version(engine, 1, fmt="kf1") == KF1_ROWS
+
+    log = migrations_dir.parent / "to-kf2.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            alembic_command(ini, "upgrade", "head"),
+            cwd=migrations_dir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_rows_done(engine, int(KF1_ROWS * 0.4), process, log)
+        finally:
+            process.send_signal(signal.SIGKILL)
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    wait_for_orphaned_statements(engine)
+
+    job = job_row(engine)
+    assert (job.target_version, job.finished_at) == (1, None)
+    assert KF1_ROWS * 0.4 <= job.rows_done < KF1_ROWS, "killed too late to be part way"
+    (last_id,) = json.loads(job.last_key)
+    assert last_id == job.rows_done  # each batch committed with its checkpoint, no more
+    assert count_on_version(engine, 1) == job.rows_done
+    assert count_on_version(engine, 1, users.c.id <= last_id) == last_id
+    assert count_on_version(engine, 1, fmt="kf1") == KF1_ROWS - job.rows_done
+    assert stamped(engine) == ["0001"]
+    configure(engine, key_file)
+    half = {i: expected[i] for i in (1, last_id, last_id + 1, KF1_ROWS)}
+    with Session(engine) as session:  # both formats read meanwhile
+        got = dict(session.execute(sa.select(User.id, User.email).where(User.id.in_(half))).all())
+    assert got == half
+
+    run_alembic(ini, env, "upgrade", "head")
+
+    assert stamped(engine) == ["0002"]
+    assert key_versions(engine) == [(1, "active")], "no rotation: the same key version"
+    job = job_row(engine)
+    assert job.finished_at is not None
+    assert job.rows_done == KF1_ROWS, "every row written once: resumed, not redone"
+    assert count_on_version(engine, 1) == KF1_ROWS
+    assert count_on_version(engine, 1, fmt="kf1") == 0
+    configure(engine, key_file)  # nothing in memory: unwrapped from the store again
+    with Session(engine) as session:
+        assert_all_equal(dict(session.execute(sa.select(User.id, User.email)).all()), expected)
+    # Bound to users.email now: the same value copied to another row's column does not read.
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE customers (id INTEGER PRIMARY KEY, email TEXT)"))
+        conn.execute(sa.text("INSERT INTO customers SELECT id, email FROM users WHERE id = 1"))
+    customers = sa.Table(
+        "customers",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("email", kf.EncryptedText(key="pii")),
+    )
+    with engine.connect() as conn, raises_kf(kf.DecryptionError):
+        conn.execute(sa.select(customers.c.email)).all()
 
 
 # The walkthrough migrations as they are ---------------------------------------------

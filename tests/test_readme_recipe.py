@@ -17,7 +17,7 @@ from tests.helpers import configure_local, raw_values, reset_global_registry, un
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = "<!-- decrypt-recipe -->"
 
-Decrypt = Callable[[str | bytes, bytes], bytes]
+Decrypt = Callable[..., bytes]  # (stored, dek, table, column, codec, row=()) -> plaintext
 
 
 def recipe_source() -> str:
@@ -37,8 +37,8 @@ def decrypt() -> Decrypt:
     namespace: dict[str, object] = {}
     exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - our own README
     function = namespace.get("decrypt")
-    assert callable(function), "the recipe must define decrypt(stored, dek)"
-    return function  # type: ignore[return-value]
+    assert callable(function), "the recipe must define decrypt(stored, dek, table, column, codec)"
+    return function
 
 
 @pytest.fixture
@@ -56,6 +56,9 @@ def _table(metadata: sa.MetaData) -> sa.Table:
         sa.Column("notes", kf.EncryptedText(key="pii")),
         sa.Column("blob", kf.EncryptedBytes(key="pii")),
         sa.Column("doc", kf.EncryptedJSON(key="pii")),
+        sa.Column("age", kf.Encrypted(sa.Integer(), key="pii")),  # codec "int", padded to 16
+        sa.Column("ssn", kf.EncryptedString(40, key="pii", bind_to=("id",))),  # bound to its row
+        sa.Column("renamed", kf.EncryptedString(40, key="pii", context="people.nickname")),
     )
 
 
@@ -71,8 +74,20 @@ def test_recipe_decrypts_text_and_binary_columns_with_only_the_dek(
             "notes": "Zoë 👩‍💻 東京 مرحبا",
             "blob": bytes(range(256)),
             "doc": {"a": [1, "ü"]},
+            "age": 42,
+            "ssn": "123-45-6789",
+            "renamed": "Al",
         },
-        {"id": 2, "email": "", "notes": "x" * 5000, "blob": b"", "doc": []},
+        {
+            "id": 2,
+            "email": "",
+            "notes": "x" * 5000,
+            "blob": b"",
+            "doc": [],
+            "age": -7,
+            "ssn": "",
+            "renamed": "Bé",
+        },
     ]
     with engine.begin() as conn:
         conn.execute(table.insert(), rows[:1])
@@ -86,27 +101,54 @@ def test_recipe_decrypts_text_and_binary_columns_with_only_the_dek(
     notes = raw_values(engine, "recipe", "notes")
     blobs = [bytes(b) for b in raw_values(engine, "recipe", "blob")]
     docs = raw_values(engine, "recipe", "doc")
+    ages = raw_values(engine, "recipe", "age")
+    ssns = raw_values(engine, "recipe", "ssn")
+    renamed = raw_values(engine, "recipe", "renamed")
     for i, version in enumerate((1, 2)):
-        assert emails[i].startswith(f"kf1:pii:{version}:")
-        assert blobs[i].startswith(f"kf1:pii:{version}:".encode())
-        dek = deks[version]
-        assert decrypt(emails[i], dek).decode("utf-8") == rows[i]["email"]
-        assert decrypt(notes[i], dek).decode("utf-8") == rows[i]["notes"]
-        assert decrypt(blobs[i], dek) == rows[i]["blob"]
-        assert json.loads(decrypt(docs[i], dek)) == rows[i]["doc"]
+        assert emails[i].startswith(f"kf2:pii:{version}:")
+        assert blobs[i].startswith(f"kf2:pii:{version}:".encode())
+        dek, row = deks[version], rows[i]
+        assert decrypt(emails[i], dek, "recipe", "email", "str").decode() == row["email"]
+        assert decrypt(notes[i], dek, "recipe", "notes", "str").decode() == row["notes"]
+        assert decrypt(blobs[i], dek, "recipe", "blob", "bytes") == row["blob"]
+        assert json.loads(decrypt(docs[i], dek, "recipe", "doc", "json")) == row["doc"]
+        assert int(decrypt(ages[i], dek, "recipe", "age", "int")) == row["age"]
+        bound = [("id", str(row["id"]))]
+        assert decrypt(ssns[i], dek, "recipe", "ssn", "str", bound).decode() == row["ssn"]
+        assert decrypt(renamed[i], dek, "people", "nickname", "str").decode() == row["renamed"]
 
-    # The recipe authenticates too: the wrong DEK or a changed header does not decrypt.
+    # The recipe authenticates too: the wrong DEK, a changed header, another place, codec or
+    # row does not decrypt.
+    email = emails[0]
     with pytest.raises(InvalidTag):
-        decrypt(emails[0], deks[2])
+        decrypt(email, deks[2], "recipe", "email", "str")
     with pytest.raises(InvalidTag):
-        decrypt(emails[0].replace("kf1:pii:1:", "kf1:pii:2:", 1), deks[2])
+        decrypt(email.replace("kf2:pii:1:", "kf2:pii:2:", 1), deks[2], "recipe", "email", "str")
     with pytest.raises(InvalidTag):
-        decrypt(b"kf1:pii:2:" + blobs[0][len(b"kf1:pii:1:") :], deks[1])
+        decrypt(email.replace("kf2:", "kf1:", 1), deks[1], "recipe", "email", "str")
+    with pytest.raises(InvalidTag):
+        decrypt(b"kf2:pii:2:" + blobs[0][len(b"kf2:pii:1:") :], deks[1], "recipe", "blob", "bytes")
+    for where, column, codec in (("recipe", "notes", "str"), ("other", "email", "str")):
+        with pytest.raises(InvalidTag):
+            decrypt(email, deks[1], where, column, codec)
+    with pytest.raises(InvalidTag):
+        decrypt(email, deks[1], "recipe", "email", "json")
+    with pytest.raises(InvalidTag):
+        decrypt(ssns[0], deks[1], "recipe", "ssn", "str", [("id", "2")])
+    with pytest.raises(InvalidTag):
+        decrypt(renamed[0], deks[1], "recipe", "renamed", "str")
 
 
 def test_recipe_agrees_with_the_known_answer_vectors(decrypt: Decrypt) -> None:
     vectors = json.loads((Path(__file__).parent / "vectors.json").read_text(encoding="utf-8"))
-    for vector in vectors["vectors"]:
+    for vector in vectors["kf2"]["vectors"]:
         dek = bytes.fromhex(vector["key_hex"])
-        assert decrypt(vector["text"], dek).hex() == vector["plaintext_hex"]
-        assert decrypt(bytes.fromhex(vector["binary_hex"]), dek).hex() == vector["plaintext_hex"]
+        place = (vector["table"], vector["column"], vector["codec"], vector["row"])
+        assert decrypt(vector["text"], dek, *place).hex() == vector["plaintext_hex"]
+        binary = bytes.fromhex(vector["binary_hex"])
+        assert decrypt(binary, dek, *place).hex() == vector["plaintext_hex"]
+    for vector in vectors["kf1"]["vectors"]:  # the legacy format: no context to check
+        dek = bytes.fromhex(vector["key_hex"])
+        assert decrypt(vector["text"], dek, "any", "place", "str").hex() == vector["plaintext_hex"]
+        binary = bytes.fromhex(vector["binary_hex"])
+        assert decrypt(binary, dek, "any", "place", "str").hex() == vector["plaintext_hex"]

@@ -53,6 +53,7 @@ def cmd_job(app: App, args: argparse.Namespace) -> int:
         "decrypt": f"decrypted to plaintext (data key {key!r})",
     }[operation]
     options: dict[str, Any] = {"key": key, "operation": operation}
+    options.update(_format_options(app, args, schema, table, column))
     if index is not None:
         index_version = registry.index_keys(index.key)[0].version
         goal += (
@@ -63,6 +64,33 @@ def cmd_job(app: App, args: argparse.Namespace) -> int:
     elif operation == "encrypt":
         _mention_declared_indexes(app, ref)
     return _run(app, args, registry, ref, goal, options)
+
+
+def _format_options(
+    app: App, args: argparse.Namespace, schema: str | None, table: str, column: str
+) -> dict[str, Any]:
+    """context, codec, pad and bind_to of the job: the flags, else what the models declare."""
+    from ..types import _EncryptedType
+
+    out: dict[str, Any] = {}
+    metadata = app.metadata()
+    declared = None
+    if metadata is not None:
+        for t in metadata.tables.values():
+            if t.name == table and (t.schema or None) == schema and column in t.c:
+                declared = t.c[column].type
+    if isinstance(declared, _EncryptedType):
+        out = {"context": declared.place(), "codec": declared.codec, "pad": declared.pad}
+        out["bind_to"] = declared.bind_to
+    if args.context is not None:
+        out["context"] = args.context
+    if args.codec is not None:
+        out["codec"] = args.codec
+    if getattr(args, "pad", None) is not None:
+        out["pad"] = args.pad
+    if args.bind_to is not None:
+        out["bind_to"] = tuple(name.strip() for name in args.bind_to.split(",") if name.strip())
+    return out
 
 
 def _companion_index(
@@ -142,6 +170,8 @@ def _run(
         result = reencrypt.run_job(engine, ref.table, ref.column, progress=progress, **options)
     state = "finished" if result.finished else "NOT finished: rerun to resume"
     app.say(f"{operation} {ref}: {state}")
+    if result.context is not None and result.codec is not None:
+        app.say(f"  bound to:     {'.'.join(result.context)}, codec {result.codec}")
     app.say(f"  rows written: {result.rows_written:,}")
     app.say(
         f"  conflicts:    {result.rows_conflicted:,} (rows the application changed meanwhile; "

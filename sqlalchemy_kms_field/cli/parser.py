@@ -165,6 +165,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
             + (" (default: the one known for the column)" if operation == "reencrypt" else ""),
         )
         _add_job_options(p)
+        _add_format_options(p, operation)
         if operation == "encrypt":
             _add_companion_index_options(p)
 
@@ -270,6 +271,46 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip rows that fail to decrypt (listed at the end) instead of stopping",
     )
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return value
+
+
+def _add_format_options(p: argparse.ArgumentParser, operation: str) -> None:
+    from ..envelope import CODECS
+
+    group = p.add_argument_group(
+        "where the values belong (default: as the models declare TABLE.COLUMN, else learnt "
+        "from the column's kf2 values)"
+    )
+    group.add_argument(
+        "--context",
+        metavar="TABLE.COLUMN",
+        help="the table and column values are bound to, if the column type declares context=",
+    )
+    default = ", default str, or bytes for a binary column" if operation == "encrypt" else ""
+    group.add_argument(
+        "--codec",
+        choices=CODECS,
+        metavar="CODEC",
+        help=f"the column type's codec: {', '.join(CODECS)}{default}",
+    )
+    group.add_argument(
+        "--bind-to",
+        metavar="COLUMN[,COLUMN]",
+        help="other columns of the row the values are bound to (the type's bind_to)",
+    )
+    if operation != "decrypt":
+        group.add_argument(
+            "--pad",
+            type=_non_negative_int,
+            metavar="BYTES",
+            help="pad plaintexts to a multiple of BYTES (default: the codec's, as the types do)",
+        )
 
 
 def _add_companion_index_options(p: argparse.ArgumentParser) -> None:

@@ -431,8 +431,9 @@ class AwsKmsMasterKey:
             )
         resp = self._call(
             "ScheduleKeyDeletion",
+            # The key id, not the ARN: deletion works only in the key's own account anyway.
             lambda: self.client.schedule_key_deletion(
-                KeyId=self.key_arn, PendingWindowInDays=pending_window_days
+                KeyId=self.key_arn.rpartition("/")[2], PendingWindowInDays=pending_window_days
             ),
         )
         when: datetime = resp["DeletionDate"]

@@ -219,13 +219,14 @@ class KeyRegistry:
         for s in stored:
             states.setdefault(s.name, []).append(s)
         usable = {(s.name, s.version) for s in stored if s.state in USABLE}
-        active = {s.name: s.version for s in stored if s.state is KeyState.ACTIVE}  # sorted
+        # versions() is sorted by name and version: the highest active version wins.
+        active = {s.name: s.version for s in stored if s.state is KeyState.ACTIVE}
         # In place, item by item: a thread unwrapping meanwhile must not lose its insert.
         for head, key in list(self._keys.items()):
             if (key.name, key.version) not in usable:
                 del self._keys[head]
-                log.info("%s key %r version %d dropped from memory: no longer usable",
-                         "data", key.name, key.version)  # fmt: skip
+                log.info("data key %r version %d dropped from memory: no longer usable",
+                         key.name, key.version)  # fmt: skip
         for pair in list(self._index_keys):
             if pair not in usable:
                 del self._index_keys[pair]

@@ -352,3 +352,44 @@ def test_rotation_with_the_wrong_master_key_is_refused_in_an_alembic_upgrade(
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0001"
     assert upgrade("head", right_key).returncode == 0  # the right key goes on
     assert [r[1] for r in key_rows(engine)] == [1, 2]
+
+
+def test_the_command_line_moves_keys_into_an_application(
+    db_url: str, engine: sa.Engine, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "dev.key"
+    kf.LocalMasterKey.generate_file(key_file)
+    registry = configure_local(engine, master_key=kf.LocalMasterKey.from_file(key_file))
+    people_table().create(engine)
+    insert(engine, 1)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("KMS_FIELD_")},
+        "KMS_FIELD_DATABASE_URL": db_url,
+        "KMS_FIELD_MASTER_KEY": f"local:{key_file}",
+        "KMS_FIELD_APPLICATION": "billing",
+    }
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    refused = cli("keys", "rotate", "pii")  # the keys are not in application "billing" yet
+    assert refused.returncode == 1 and "cannot unwrap data key 'pii' version 1" in refused.stderr
+    moved = cli("keys", "rewrap", "--from-application", "")
+    assert moved.returncode == 0, moved.stderr
+    assert "1 data key version rewrapped" in moved.stdout
+    assert cli("keys", "rotate", "pii").returncode == 0
+    billing = kf.configure(
+        master_key=kf.LocalMasterKey.from_file(key_file),
+        key_store=registry.key_store,
+        application="billing",
+    )
+    insert(engine, 2)
+    with engine.connect() as conn:
+        emails = conn.execute(sa.select(people_table().c.email).order_by(people_table().c.id))
+        assert emails.scalars().all() == ["user1@example.com", "user2@example.com"]
+    assert billing.active_key("pii").version == 2
+    env["KMS_FIELD_APPLICATION"] = "not valid!"
+    bad = cli("keys", "rotate", "pii")
+    assert bad.returncode == 2 and "KMS_FIELD_APPLICATION" in bad.stderr

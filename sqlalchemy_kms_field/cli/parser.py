@@ -148,7 +148,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
 
     keys = commands.add_parser(
         "keys",
-        help="data and blind-index keys: list, create, rotate, rewrap, retire, destroy",
+        help="data and blind-index keys: list, create, rotate, rewrap, retire, destroy, shred",
         parents=[common],
     )
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)

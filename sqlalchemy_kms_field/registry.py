@@ -99,6 +99,7 @@ class KeyRegistry:
         self._states: dict[str, list[StoredKey]] = {}  # the key store as last read, by name
         self._confirmed_at = -math.inf  # monotonic time of the last successful read
         self._fresh_until = -math.inf  # the hot path trusts the caches until then
+        self._generation = 0  # one more at each read of the states
         self._refresh_lock = threading.Lock()
         self._locks: dict[object, threading.Lock] = {}
         self._locks_lock = threading.Lock()
@@ -129,10 +130,12 @@ class KeyRegistry:
         with self._lock_for(head):
             key = self._keys.get(head)
             if key is None:
+                generation = self._generation
                 stored = self.key_store.get(name, version)
                 _check_kind(stored, "data")
                 key = DataKey(name, version, self._unwrap(stored))
-                self._keys[head] = key
+                if self._still_usable(generation, name, version):
+                    self._keys[head] = key
         return key
 
     def active_key(self, name: str) -> DataKey:
@@ -146,9 +149,10 @@ class KeyRegistry:
             key = self._active.get(name)
             if key is not None:
                 return key
-            version = self._active_version(name)
-            key = self.data_key(name, version)
-            self._active[name] = key
+            generation = self._generation
+            key = self.data_key(name, self._active_version(name))
+            if generation == self._generation:  # else the states changed meanwhile: ask again
+                self._active[name] = key
             return key
 
     def _active_version(self, name: str) -> int:
@@ -235,8 +239,17 @@ class KeyRegistry:
                 del self._active[name]
         self._live_index.clear()
         self._states = states
+        self._generation += 1
         self._confirmed_at = started
         self._fresh_until = started + self.active_ttl
+
+    def _still_usable(self, generation: int, name: str, version: int) -> bool:
+        """Whether a key just unwrapped may be cached: the states were not read again
+        meanwhile, or the new read finds it usable too (else a refresh that ran during the
+        unwrap could not have dropped it, and it would outlive active_ttl)."""
+        if generation == self._generation:
+            return True
+        return any(s.version == version and s.state in USABLE for s in self._states.get(name, []))
 
     def _unconfirmed(self, now: float, exc: Exception) -> None:
         """The key store could not be read (down, renamed, or on SQLite locked by a long write
@@ -407,10 +420,12 @@ class KeyRegistry:
         with self._lock_for(("index", name, version)):
             key = self._index_keys.get((name, version))
             if key is None:
+                generation = self._generation
                 stored = self.key_store.get(name, version)
                 _check_kind(stored, "index")
                 key = IndexKey(name, version, self._unwrap(stored))
-                self._index_keys[(name, version)] = key
+                if self._still_usable(generation, name, version):
+                    self._index_keys[(name, version)] = key
         return key
 
     def index_keys(self, name: str) -> list[IndexKey]:
@@ -424,6 +439,7 @@ class KeyRegistry:
             keys = self._live_index.get(name)
             if keys is not None:
                 return keys
+            generation = self._generation
             stored = self._states.get(name)
             if stored is None:
                 self._refresh(force=True)
@@ -442,7 +458,8 @@ class KeyRegistry:
             if active is None or not live:
                 raise KeyNotFoundError(f"index key {name!r} has no active version")
             keys = [self.index_key(name, v) for v in live]
-            self._live_index[name] = keys
+            if generation == self._generation:
+                self._live_index[name] = keys
             return keys
 
     # Internals -------------------------------------------------------------------------------

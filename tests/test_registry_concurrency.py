@@ -324,10 +324,15 @@ def test_a_long_sqlite_write_transaction_outliving_active_ttl_goes_on(
 ) -> None:
     """SQLite without WAL: a write transaction that has spilled its cache holds an exclusive
     lock, so re-reading the active version on another connection fails ("database is
-    locked"). The registry goes on with the version it knows, says so, and tries again."""
+    locked"). The registry goes on with the version it knows (within stale_ttl), says so, and
+    tries again."""
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'app.db'}", connect_args={"timeout": 0.2})
     reset_global_registry(monkeypatch)
-    registry = configure_local(engine, active_ttl=0.3)
+    store = configure_local(engine, active_ttl=0.3).key_store
+    # Within stale_ttl of its last read it goes on (test_key_states checks the bound itself).
+    registry = kf.configure(
+        master_key=local_master_key(), key_store=store, active_ttl=0.3, stale_ttl=60
+    )
     t = sa.Table(
         "t",
         sa.MetaData(),

@@ -244,6 +244,10 @@ class AwsKmsMasterKey:
     The boto3 client is built the standard way (profiles, ``AWS_REGION``,
     ``AWS_ENDPOINT_URL_KMS`` all apply) with botocore's ``standard`` retry mode, which retries
     throttling and transient errors with exponential backoff; pass ``client`` to use your own.
+
+    Pinned: the key is resolved to its ARN once (:attr:`key_arn`); only wrapped keys recorded
+    under that ARN unwrap, ``Decrypt`` is called with that ARN as ``KeyId``, and the ``KeyId``
+    KMS answers with must be it. Creating one also filters ``Plaintext`` out of botocore's logs.
     """
 
     def __init__(

@@ -31,6 +31,9 @@ T = TypeVar("T")
 PURPOSES = {"data": "sqlalchemy-kms-field data key", "index": "sqlalchemy-kms-field index key"}
 USABLE = frozenset({KeyState.ACTIVE, KeyState.READABLE})  # the states that unwrap
 STALE_FACTOR = 3  # default stale_ttl: this many active_ttl
+# Reads re-check the states at most this often even with a shorter active_ttl (active_ttl=0
+# means "re-read before every write"; before every read it would cost a query per value).
+READ_RECHECK = 0.2
 _APPLICATION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,63}")
 
 
@@ -81,7 +84,8 @@ class KeyRegistry:
     ) -> None:
         if active_ttl < 0:
             raise ConfigurationError("active_ttl must be zero or more seconds")
-        stale_ttl = STALE_FACTOR * active_ttl if stale_ttl is None else stale_ttl
+        if stale_ttl is None:
+            stale_ttl = STALE_FACTOR * max(active_ttl, READ_RECHECK)
         if stale_ttl < active_ttl:
             raise ConfigurationError(
                 f"stale_ttl ({stale_ttl:g} s) must be at least active_ttl ({active_ttl:g} s)"
@@ -98,7 +102,8 @@ class KeyRegistry:
         self._live_index: dict[str, list[IndexKey]] = {}
         self._states: dict[str, list[StoredKey]] = {}  # the key store as last read, by name
         self._confirmed_at = -math.inf  # monotonic time of the last successful read
-        self._fresh_until = -math.inf  # the hot path trusts the caches until then
+        self._fresh_until = -math.inf  # writes trust the cached states until then
+        self._read_until = -math.inf  # reads trust them until then (READ_RECHECK at least)
         self._generation = 0  # one more at each read of the states
         self._refresh_lock = threading.Lock()
         self._locks: dict[object, threading.Lock] = {}
@@ -115,13 +120,13 @@ class KeyRegistry:
 
     def key_for_header(self, head: str) -> DataKey | None:
         """The cached key for a header without its final ':' (``kf1:pii:2``), if unwrapped."""
-        if time.monotonic() >= self._fresh_until:
+        if time.monotonic() >= self._read_until:
             self._refresh()
         return self._keys.get(head)
 
     def data_key(self, name: str, version: int) -> DataKey:
         """Data key ``name`` version ``version``, unwrapping it on first use (single flight)."""
-        if time.monotonic() >= self._fresh_until:
+        if time.monotonic() >= self._read_until:
             self._refresh()
         head = envelope.header(name, version)[:-1]
         key = self._keys.get(head)
@@ -196,7 +201,7 @@ class KeyRegistry:
     def forget(self) -> None:
         """Drop every unwrapped key from memory (the next use unwraps again)."""
         with self._refresh_lock:
-            self._fresh_until = -math.inf
+            self._fresh_until = self._read_until = -math.inf
             self._keys.clear()
             self._active.clear()
             self._index_keys.clear()
@@ -242,6 +247,7 @@ class KeyRegistry:
         self._generation += 1
         self._confirmed_at = started
         self._fresh_until = started + self.active_ttl
+        self._read_until = started + max(self.active_ttl, READ_RECHECK)
 
     def _still_usable(self, generation: int, name: str, version: int) -> bool:
         """Whether a key just unwrapped may be cached: the states were not read again
@@ -277,6 +283,7 @@ class KeyRegistry:
             deadline - now,
         )
         self._fresh_until = min(now + self.active_ttl, deadline)
+        self._read_until = min(now + max(self.active_ttl, READ_RECHECK), deadline)
 
     # Creating and rotating -------------------------------------------------------------------
 
@@ -311,7 +318,7 @@ class KeyRegistry:
         key = DataKey(name, version, plaintext)
         self.key_store.activate(name, version)
         self._keys[key.header[:-1]] = key  # after activate: a refresh drops pending versions
-        self._fresh_until = -math.inf  # read the states again at the next use
+        self._fresh_until = self._read_until = -math.inf  # read the states again at next use
         log.info("data key %r version %d stored, verified and activated", name, version)
         return key
 
@@ -409,7 +416,7 @@ class KeyRegistry:
         key = IndexKey(name, version, self._new_version(name, version, "index"))
         self.key_store.activate(name, version)
         self._index_keys[(name, version)] = key
-        self._fresh_until = -math.inf
+        self._fresh_until = self._read_until = -math.inf
         log.info("index key %r version %d stored, verified and activated", name, version)
         return key
 
@@ -520,8 +527,8 @@ def configure(
     """Configure the process-wide registry that encrypted columns use.
 
     ``active_ttl``: how often (seconds) each process re-reads the key states. ``stale_ttl``
-    (default ``3 * active_ttl``): how long after its last successful read a process goes on
-    when the key store cannot be read, before it refuses to encrypt and decrypt.
+    (default ``3 * active_ttl``, at least 0.6 s): how long after its last successful read a
+    process goes on when the key store cannot be read, before it refuses to encrypt and decrypt.
     ``previous_master_keys``: master keys that may still unwrap (during a rewrap).
     ``application``: an identifier bound into every wrapped key's encryption context, so that
     a wrapped key copied from another application's key store does not unwrap.

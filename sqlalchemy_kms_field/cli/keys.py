@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC
 
 from .. import lifecycle, reencrypt
 from ..envelope import DataKey, IndexKey
@@ -238,11 +239,12 @@ def cmd_keys_shred(app: App, args: argparse.Namespace) -> int:
     done = lifecycle.shred_master_key(
         old, pending_window_days=args.pending_days, confirm=args.yes_shred, registry=registry
     )
+    when = done.deletion_date.astimezone(UTC)
     app.say(
         f"{len(done.rewrapped)} key versions rewrapped under {registry.master_key.key_id} and "
         f"verified; {done.old_master_key_id} is scheduled for deletion on "
-        f"{done.deletion_date:%Y-%m-%d %H:%M} UTC. From then on every copy of a key it wrapped "
-        "(backups, archives, replicas) is unreadable. Until then `aws kms cancel-key-deletion` "
-        "undoes it."
+        f"{when:%Y-%m-%d %H:%M} UTC. KMS refuses it from now on; on that date every copy of a "
+        "key it wrapped (backups, archives, replicas) becomes unreadable for good. Until then "
+        "`aws kms cancel-key-deletion` undoes it."
     )
     return 0

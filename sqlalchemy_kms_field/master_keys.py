@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import threading
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -194,12 +196,58 @@ _HINTS = {
 }
 
 
+# botocore's DEBUG logging prints request and response bodies: the data key in base64 from
+# GenerateDataKey and Decrypt, and in Encrypt requests. Every botocore logger gets a filter that
+# blanks "Plaintext" values, whatever levels and handlers the application sets up.
+_PLAINTEXT = re.compile(r"""(["']Plaintext["']\s*:\s*)(b?'(?:[^'\\]|\\.)*'|b?"(?:[^"\\]|\\.)*")""")
+_BOTOCORE_LOGGERS = (
+    "botocore", "botocore.endpoint", "botocore.parsers", "botocore.hooks", "botocore.auth",
+    "botocore.awsrequest", "botocore.httpsession", "botocore.retryhandler", "botocore.client",
+    "botocore.utils", "botocore.retries.standard", "boto3", "urllib3.connectionpool",
+)  # fmt: skip
+
+
+class RedactPlaintext(logging.Filter):
+    """Replaces every ``"Plaintext": "..."`` in a log record's message with ``<redacted>``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record: leave it to the handler's own error path
+            return True
+        if "Plaintext" in message:
+            record.msg = _PLAINTEXT.sub(r"\1'<redacted>'", message)
+            record.args = None
+        return True
+
+
+_REDACT = RedactPlaintext()
+
+
+def redact_botocore_logs() -> None:
+    """Install the filter on every botocore logger there is (idempotent)."""
+    names = set(_BOTOCORE_LOGGERS)
+    names.update(
+        name
+        for name in list(logging.root.manager.loggerDict)
+        if name.startswith(("botocore.", "boto3."))
+    )
+    for name in names:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
+
+
 class AwsKmsMasterKey:
     """A symmetric AWS KMS key, named by key id, key ARN, alias name or alias ARN.
 
     The boto3 client is built the standard way (profiles, ``AWS_REGION``,
     ``AWS_ENDPOINT_URL_KMS`` all apply) with botocore's ``standard`` retry mode, which retries
     throttling and transient errors with exponential backoff; pass ``client`` to use your own.
+
+    Pinned: the key is resolved to its ARN once (:attr:`key_arn`); only wrapped keys recorded
+    under that ARN unwrap, ``Decrypt`` is called with that ARN as ``KeyId``, and the ``KeyId``
+    KMS answers with must be it. Creating one also filters ``Plaintext`` out of botocore's logs.
     """
 
     def __init__(
@@ -218,7 +266,9 @@ class AwsKmsMasterKey:
         self._region_name = region_name
         self._profile_name = profile_name
         self._max_attempts = max_attempts
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # reentrant: resolving the ARN builds the client
+        self._arn: str | None = None
+        redact_botocore_logs()
 
     def __repr__(self) -> str:
         return f"AwsKmsMasterKey({self._key!r})"
@@ -252,6 +302,7 @@ class AwsKmsMasterKey:
             profile_name=self._profile_name, region_name=self._region_name
         )
         client: KMSClient = self._call("CreateClient", lambda: session.client("kms", config=config))
+        redact_botocore_logs()  # again: importing boto3 made more loggers
         return client
 
     def _call(self, operation: str, fn: Any) -> Any:
@@ -281,42 +332,85 @@ class AwsKmsMasterKey:
             f"KMS {operation} with key {self._key!r} failed: {code}: {hint}", code=code
         )
 
+    @property
+    def key_arn(self) -> str:
+        """The ARN of the configured key: the only key that may unwrap for this master key.
+
+        A key ARN is taken as it is; a key id or alias is resolved once with DescribeKey.
+        """
+        if self._arn is None:
+            with self._lock:
+                if self._arn is None:
+                    self._arn = self._resolve_arn()
+        return self._arn
+
+    def _resolve_arn(self) -> str:
+        if self._key.startswith("arn:") and ":key/" in self._key:
+            return self._key
+        resp = self._call("DescribeKey", lambda: self.client.describe_key(KeyId=self._key))
+        arn: str = resp["KeyMetadata"]["Arn"]
+        return arn
+
+    def _expect(self, operation: str, returned: str) -> str:
+        """Our key id for the key KMS says it used, which must be the configured one."""
+        if returned != self.key_arn:
+            raise MasterKeyError(
+                f"KMS {operation} with key {self._key!r} answered for another key ({returned}, "
+                f"expected {self.key_arn}); nothing was used",
+                code="UnexpectedKeyId",
+            )
+        return _AWS_PREFIX + returned
+
     def generate_data_key(self, context: Context) -> tuple[bytes, bytes, str]:
         resp = self._call(
             "GenerateDataKey",
             lambda: self.client.generate_data_key(
-                KeyId=self._key, KeySpec="AES_256", EncryptionContext=context
+                KeyId=self.key_arn, KeySpec="AES_256", EncryptionContext=context
             ),
         )
-        return resp["Plaintext"], resp["CiphertextBlob"], _AWS_PREFIX + resp["KeyId"]
+        return (
+            resp["Plaintext"],
+            resp["CiphertextBlob"],
+            self._expect("GenerateDataKey", resp["KeyId"]),
+        )
 
     def wrap(self, plaintext: bytes, context: Context) -> tuple[bytes, str]:
         resp = self._call(
             "Encrypt",
             lambda: self.client.encrypt(
-                KeyId=self._key, Plaintext=plaintext, EncryptionContext=context
+                KeyId=self.key_arn, Plaintext=plaintext, EncryptionContext=context
             ),
         )
-        return resp["CiphertextBlob"], _AWS_PREFIX + resp["KeyId"]
+        return resp["CiphertextBlob"], self._expect("Encrypt", resp["KeyId"])
 
     def can_unwrap(self, master_key_id: str) -> bool:
-        return master_key_id.startswith(_AWS_PREFIX)
+        """True only for a wrapped key recorded as made by this very KMS key (its ARN)."""
+        return master_key_id.startswith(_AWS_PREFIX) and master_key_id == _AWS_PREFIX + self.key_arn
 
     def unwrap(self, wrapped: bytes, context: Context, master_key_id: str) -> bytes:
+        # The KeyId passed to Decrypt is the configured key, never one read from the database,
+        # and KMS must say it used that key.
+        if not self.can_unwrap(master_key_id):
+            raise MasterKeyError(
+                f"data key was wrapped by {master_key_id or 'nothing'}, not by this KMS key "
+                f"({self.key_arn}); configure the master key that wrapped it",
+                code="WrongMasterKey",
+            )
         resp = self._call(
             "Decrypt",
             lambda: self.client.decrypt(
-                CiphertextBlob=wrapped,
-                EncryptionContext=context,
-                KeyId=master_key_id.removeprefix(_AWS_PREFIX),
+                CiphertextBlob=wrapped, EncryptionContext=context, KeyId=self.key_arn
             ),
         )
+        self._expect("Decrypt", resp["KeyId"])
         plaintext: bytes = resp["Plaintext"]
         return plaintext
 
     def rewrap(
         self, wrapped: bytes, context: Context, source_key_id: str
     ) -> tuple[bytes, str] | None:
+        """ReEncrypt from ``source_key_id`` (which the caller has checked is a configured
+        master key) to this key, the plaintext never leaving KMS."""
         if not source_key_id.startswith(_AWS_PREFIX):
             return None
         resp = self._call(
@@ -325,8 +419,26 @@ class AwsKmsMasterKey:
                 CiphertextBlob=wrapped,
                 SourceEncryptionContext=context,
                 SourceKeyId=source_key_id.removeprefix(_AWS_PREFIX),
-                DestinationKeyId=self._key,
+                DestinationKeyId=self.key_arn,
                 DestinationEncryptionContext=context,
             ),
         )
-        return resp["CiphertextBlob"], _AWS_PREFIX + resp["KeyId"]
+        return resp["CiphertextBlob"], self._expect("ReEncrypt", resp["KeyId"])
+
+    def schedule_deletion(self, pending_window_days: int) -> datetime:
+        """ScheduleKeyDeletion of this KMS key after ``pending_window_days`` (7 to 30); returns
+        the deletion date. Until then ``CancelKeyDeletion`` undoes it."""
+        if not 7 <= pending_window_days <= 30:
+            raise ConfigurationError(
+                f"pending_window_days must be 7 to 30 (KMS's waiting period), got "
+                f"{pending_window_days}"
+            )
+        resp = self._call(
+            "ScheduleKeyDeletion",
+            # The key id, not the ARN: deletion works only in the key's own account anyway.
+            lambda: self.client.schedule_key_deletion(
+                KeyId=self.key_arn.rpartition("/")[2], PendingWindowInDays=pending_window_days
+            ),
+        )
+        when: datetime = resp["DeletionDate"]
+        return when

@@ -1,9 +1,11 @@
 """moto's KMS server on 127.0.0.1, behind a WSGI layer of ours that counts and refuses calls.
 
 moto speaks the real KMS wire protocol and checks encryption contexts, but it never refuses a call:
-disabled keys, key policies and throttling do not exist for it. `FaultInjector` answers chosen calls
-with a real AWS JSON error (or a dropped connection) before they reach moto, and counts every call
-per operation, including calls made from subprocesses, since the counters live in this process.
+disabled keys, key policies and throttling do not exist for it. Like real KMS, our layer refuses
+cryptographic calls with a key pending deletion (KMSInvalidStateException), which moto allows.
+`FaultInjector` answers chosen calls with a real AWS JSON error (or a dropped connection) before
+they reach moto, and counts every call per operation, including calls made from subprocesses,
+since the counters live in this process.
 """
 
 from __future__ import annotations
@@ -131,6 +133,9 @@ class FaultInjector:
         with self._lock:
             self._counts[operation] += 1
             fault = self._take_fault(operation, body)
+        if fault is None and operation in _CRYPTO and _pending_deletion(body):
+            # Real KMS refuses every cryptographic call with a key pending deletion; moto does not.
+            fault = _Fault(operation, "KMSInvalidStateException", None, None)
         if fault is None:
             return self._app(environ, start_response)
         if fault.error == DROP:
@@ -164,6 +169,15 @@ class FaultInjector:
                     self._faults.remove(fault)
             return fault
         return None
+
+
+_CRYPTO = frozenset({"Decrypt", "Encrypt", "GenerateDataKey", "ReEncrypt"})
+
+
+def _pending_deletion(body: bytes) -> bool:
+    backend = kms_backends[DEFAULT_ACCOUNT_ID][REGION]
+    keys = [backend.keys.get(key_id) for key_id in _request_key_ids(body)]
+    return any(key is not None and key.key_state == "PendingDeletion" for key in keys)
 
 
 def _canonical_key_id(key_id: str) -> str:

@@ -673,7 +673,7 @@ def test_rewrap_from_a_local_key_to_aws_kms(
     assert raw_values(engine, "cli_users", "email") == stored_before
     configure_here(engine, kf.AwsKmsMasterKey(alias, client=kms.client()), monkeypatch)
     assert read_emails(engine, models.users) == originals
-    with pytest.raises(kf.ConfigurationError, match="previous_master_keys"):
+    with pytest.raises(kf.MasterKeyError, match="previous_master_keys"):
         kf.KeyRegistry(kf.LocalMasterKey.from_file(key_file), kf.SqlKeyStore(engine)).data_key(
             "pii", 1
         )

@@ -33,6 +33,7 @@ import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import envelope
 from sqlalchemy_kms_field.exc import ReencryptionError
 from sqlalchemy_kms_field.reencrypt import jobs_table, reencrypt_column
+from sqlalchemy_kms_field.registry import data_key_context
 from tests.helpers import raises_kf, reset_global_registry, wait_for_orphaned_statements
 from tests.kms_server import KmsServer
 from tests.legacy import kf1_text
@@ -645,16 +646,21 @@ KMS_ROWS, KMS_BATCH = 1000, 50
 HALF = KMS_ROWS // 2
 
 
-def kms_registry(engine: sa.Engine, kms: KmsServer, key_id: str) -> kf.KeyRegistry:
+def kms_registry(
+    engine: sa.Engine, kms: KmsServer, key_id: str, previous: str | None = None
+) -> kf.KeyRegistry:
     """A fresh registry (nothing unwrapped yet) whose master key is KMS key ``key_id``."""
     return kf.configure(
         master_key=kf.AwsKmsMasterKey(key_id, client=kms.client()),
         key_store=kf.SqlKeyStore(engine),
         active_ttl=0,
+        previous_master_keys=[kf.AwsKmsMasterKey(previous, client=kms.client())]
+        if previous
+        else [],
     )
 
 
-def run_job_process(db_url: str, master_key: str, kms: KmsServer) -> dict[str, Any]:
+def run_job_process(db_url: str, master_key: str, kms: KmsServer, *extra: str) -> dict[str, Any]:
     """The re-encryption in a fresh process: every data key is unwrapped through KMS again."""
     result = subprocess.run(
         [
@@ -666,6 +672,7 @@ def run_job_process(db_url: str, master_key: str, kms: KmsServer) -> dict[str, A
             "email",
             "pii",
             f"--batch-size={KMS_BATCH}",
+            *extra,
         ],
         env={**os.environ, **kms.env()},
         capture_output=True,
@@ -682,27 +689,36 @@ def run_job_process(db_url: str, master_key: str, kms: KmsServer) -> dict[str, A
 def test_kms_refusing_mid_run_stops_the_job_and_loses_nothing(
     database: str, db_url: str, engine: sa.Engine, kms: KmsServer
 ) -> None:
-    # Versions 1 and 3 are wrapped by KMS key A, version 2 by key B: a job to version 3 unwraps
-    # version 2 only when it reaches the rows written under it, half way through the table.
+    # Versions 1 and 3 are wrapped by KMS key A, version 2 by key B (a rewrap half done; B is
+    # a previous master key): a job to version 3 unwraps version 2 only when it reaches the rows
+    # written under it, half way through the table.
     key_a, key_b = kms.create_key("pii A"), kms.create_key("pii B")
     kf.SqlKeyStore(engine).create_table()
     users_table(sa.MetaData()).create(engine)
     expected = plaintexts(KMS_ROWS)
-    for key_id, ids in ((key_a, range(1, HALF + 1)), (key_b, range(HALF + 1, KMS_ROWS + 1))):
-        registry = kms_registry(engine, kms, key_id)
-        if key_id == key_a:
-            registry.create_data_key("pii")
-        else:
-            registry.rotate_data_key("pii")
-        fill_users(engine, {i: expected[i] for i in ids})
-    kms_registry(engine, kms, key_a).rotate_data_key("pii")
+    registry = kms_registry(engine, kms, key_a)
+    registry.create_data_key("pii")
+    fill_users(engine, {i: expected[i] for i in range(1, HALF + 1)})
+    registry.rotate_data_key("pii")
+    fill_users(engine, {i: expected[i] for i in range(HALF + 1, KMS_ROWS + 1)})
+    registry.rotate_data_key("pii")
+    v2 = registry.key_store.get("pii", 2)
+    moved = kms.client().re_encrypt(
+        CiphertextBlob=v2.wrapped_key,
+        SourceEncryptionContext=data_key_context("pii", 2),
+        DestinationKeyId=key_b,
+        DestinationEncryptionContext=data_key_context("pii", 2),
+    )
+    registry.key_store.replace_wrapped(
+        "pii", 2, v2.wrapped_key, moved["CiphertextBlob"], "aws-kms:" + moved["KeyId"]
+    )
     assert [v for v, _ in key_versions(engine)] == [1, 2, 3]
     before = raw_rows(engine)
 
     # KMS refuses every unwrap: a job (in a registry with no key in memory) stops before it
     # writes anything, with the KMS error code.
     kms.inject("Decrypt", "DisabledException")
-    kms_registry(engine, kms, key_a)
+    kms_registry(engine, kms, key_a, previous=key_b)
     with pytest.raises(kf.MasterKeyError) as refused:
         reencrypt_column(engine, "users", "email", key="pii", batch_size=KMS_BATCH)
 
@@ -714,7 +730,8 @@ def test_kms_refusing_mid_run_stops_the_job_and_loses_nothing(
     # KMS refuses key B only: the job stops at the first row under version 2.
     kms.clear_faults()
     kms.inject("Decrypt", "AccessDeniedException", key_id=key_b)
-    report = run_job_process(db_url, f"aws-kms:{key_a}", kms)
+    previous = f"--previous-master-key=aws-kms:{key_b}"
+    report = run_job_process(db_url, f"aws-kms:{key_a}", kms, previous)
 
     assert not report["ok"]
     error = report["error"]
@@ -737,11 +754,11 @@ def test_kms_refusing_mid_run_stops_the_job_and_loses_nothing(
 
     # Nothing is lost: once KMS answers, every row decrypts (in a registry with no key cached).
     kms.clear_faults()
-    kms_registry(engine, kms, key_a)
+    kms_registry(engine, kms, key_a, previous=key_b)
     assert_all_equal(decrypted(engine), expected)
 
     kms.reset_counts()
-    report = run_job_process(db_url, f"aws-kms:{key_a}", kms)
+    report = run_job_process(db_url, f"aws-kms:{key_a}", kms, previous)
 
     assert report["ok"], report
     assert report["finished"]

@@ -249,7 +249,11 @@ def test_aws_wrapped_key_is_bound_to_its_context(kms: KmsServer, kms_key: str) -
         assert raised.value.code == "InvalidCiphertextException"
         assert kms_key in str(raised.value)
         assert_error_hides(raised.value, [plaintext])
-    assert kms.counts == {"GenerateDataKey": 1, "Decrypt": 1 + len(OTHER_CONTEXTS)}
+    assert kms.counts == {
+        "DescribeKey": 1,
+        "GenerateDataKey": 1,
+        "Decrypt": 1 + len(OTHER_CONTEXTS),
+    }
 
 
 def test_aws_master_key_built_from_the_environment_only(kms_env: KmsServer, kms_key: str) -> None:
@@ -261,7 +265,7 @@ def test_aws_master_key_built_from_the_environment_only(kms_env: KmsServer, kms_
     with pytest.raises(kf.MasterKeyError) as raised:
         master.unwrap(wrapped, data_key_context("pii", 2), key_id)
     assert raised.value.code == "InvalidCiphertextException"
-    assert kms_env.counts == {"GenerateDataKey": 1, "Decrypt": 2}
+    assert kms_env.counts == {"DescribeKey": 1, "GenerateDataKey": 1, "Decrypt": 2}
     assert repr(master) == f"AwsKmsMasterKey({kms_key!r})"
 
 
@@ -271,7 +275,7 @@ def test_create_data_key_generates_once_and_verifies_once(
     kms.reset_counts()
     key = kf.create_data_key("pii")
     assert (key.name, key.version) == ("pii", 1)
-    assert kms.counts == {"GenerateDataKey": 1, "Decrypt": 1}
+    assert kms.counts == {"DescribeKey": 1, "GenerateDataKey": 1, "Decrypt": 1}
     stored = kms_registry.key_store.get("pii", 1)
     assert stored.state is kf.KeyState.ACTIVE
     assert stored.master_key_id.startswith("aws-kms:arn:aws:kms:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -10,22 +11,24 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import sqlalchemy_kms_field as kf
 from tests.helpers import configure_local, raw_values, reset_global_registry, unwrapped_key
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 MARKER = "<!-- decrypt-recipe -->"
+UNWRAP_MARKER = "<!-- unwrap-recipe -->"
 
 Decrypt = Callable[..., bytes]  # (stored, dek, table, column, codec, row=()) -> plaintext
 
 
-def recipe_source() -> str:
+def recipe_source(marker: str = MARKER) -> str:
     text = README.read_text(encoding="utf-8")
-    assert MARKER in text, f"{README} lost its {MARKER} marker"
-    after = text.split(MARKER, 1)[1]
+    assert marker in text, f"{README} lost its {marker} marker"
+    after = text.split(marker, 1)[1]
     match = re.match(r"\s*```python\n(.*?)\n```", after, re.DOTALL)
-    assert match, f"no ```python block right after {MARKER}"
+    assert match, f"no ```python block right after {marker}"
     return match.group(1)
 
 
@@ -152,3 +155,77 @@ def test_recipe_agrees_with_the_known_answer_vectors(decrypt: Decrypt) -> None:
         assert decrypt(vector["text"], dek, "any", "place", "str").hex() == vector["plaintext_hex"]
         binary = bytes.fromhex(vector["binary_hex"])
         assert decrypt(binary, dek, "any", "place", "str").hex() == vector["plaintext_hex"]
+
+
+# The recipe that unwraps a data key with a local master key file -------------------------------
+
+Unwrap = Callable[..., bytes]
+
+
+@pytest.fixture(scope="module")
+def unwrap_local() -> Unwrap:
+    source = recipe_source(UNWRAP_MARKER)
+    assert "sqlalchemy_kms_field" not in source
+    namespace: dict[str, object] = {}
+    exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - our own README
+    function = namespace.get("unwrap_local")
+    assert callable(function), "the unwrap recipe must define unwrap_local(...)"
+    return function  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("application", [None, "billing"])
+def test_unwrap_recipe_recovers_the_data_and_index_keys_from_the_key_store(
+    engine: sa.Engine,
+    tmp_path: Path,
+    unwrap_local: Unwrap,
+    decrypt: Decrypt,
+    application: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reset_global_registry(monkeypatch)
+    key_file = tmp_path / "dev.key"
+    kf.LocalMasterKey.generate_file(key_file)
+    store = kf.SqlKeyStore(engine)
+    store.create_table()
+    registry = kf.configure(
+        master_key=kf.LocalMasterKey.from_file(key_file),
+        key_store=store,
+        application=application,
+    )
+    registry.create_data_key("pii")
+    registry.rotate_data_key("pii")
+    registry.create_index_key("email-index")
+    table = _table(sa.MetaData())
+    table.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "email": "alice@example.com"}])
+
+    text = key_file.read_text(encoding="ascii")
+    with engine.connect() as conn:  # the key store as SQL gives it, no library involved
+        rows = conn.execute(
+            sa.text("SELECT name, version, kind, wrapped_key FROM kms_field_keys")
+        ).all()
+    assert len(rows) == 3
+    for name, version, kind, wrapped in rows:
+        dek = unwrap_local(bytes(wrapped), text, name, version, kind, application)
+        expected = registry.master_key.unwrap(
+            bytes(wrapped), registry.context(name, version, kind), registry.master_key.key_id
+        )
+        assert dek == expected and len(dek) == 32
+    wrapped_by = {(name, version): bytes(wrapped) for name, version, _, wrapped in rows}
+    dek2 = unwrap_local(wrapped_by["pii", 2], text, "pii", 2, "data", application)
+    (email,) = raw_values(engine, "recipe", "email")
+    assert decrypt(email, dek2, "recipe", "email", "str") == b"alice@example.com"
+    # What the README used to say: the context's JSON with sorted keys and the version as a
+    # number. It authenticates nothing: the library's associated data is compact, version a string.
+    context: dict[str, object] = {
+        "purpose": "sqlalchemy-kms-field data key",
+        "key_name": "pii",
+        "key_version": 1,
+    }
+    if application is not None:
+        context["application"] = application
+    wrapped = wrapped_by["pii", 1]
+    master = AESGCM(base64.b64decode(text))
+    with pytest.raises(InvalidTag):
+        master.decrypt(wrapped[5:17], wrapped[17:], json.dumps(context, sort_keys=True).encode())

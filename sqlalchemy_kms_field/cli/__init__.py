@@ -20,9 +20,13 @@ Configuration (flags override environment variables, which override the config f
                                   versions (default 60; keep it equal to the application's):
                                   a re-encryption finishes, and a reindex starts, only that
                                   long after the rotation                     (--active-ttl)
+  KMS_FIELD_APPLICATION           the application identifier bound into every wrapped key's
+                                  encryption context (the application's configure(...,
+                                  application=...)); unset: none                (--application)
 
 Config file: --config PATH, else ./kms-field.toml, else [tool.kms-field] in ./pyproject.toml,
-with the keys database_url, master_key, previous_master_keys (a list), models and active_ttl:
+with the keys database_url, master_key, previous_master_keys (a list), models, active_ttl
+and application:
 
   # kms-field.toml
   database_url = "postgresql+psycopg://app@db.internal/app"

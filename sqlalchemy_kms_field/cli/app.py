@@ -20,7 +20,7 @@ from ..exc import ConfigurationError
 from ..key_store import SqlKeyStore
 from ..master_keys import Context
 from ..registry import KeyRegistry
-from .config import ENV, PROG, active_ttl, master_key_from_spec, resolve_settings
+from .config import ENV, PROG, active_ttl, application, master_key_from_spec, resolve_settings
 from .errors import Refused, UsageError
 from .models import index_columns, load_models
 from .output import make_console
@@ -123,7 +123,10 @@ class App:
         """A registry on the configured database; ``master``: this command unwraps keys."""
         if not master:
             return KeyRegistry(
-                _NoMasterKey(), self.key_store(), active_ttl=active_ttl(self.settings)
+                _NoMasterKey(),
+                self.key_store(),
+                active_ttl=active_ttl(self.settings),
+                application=application(self.settings),
             )
         # Every setting is checked (status 2) before the database is touched.
         why = f"`{self.args.label}`"
@@ -140,6 +143,7 @@ class App:
             self.key_store(),
             previous_master_keys=previous,
             active_ttl=active_ttl(self.settings),
+            application=application(self.settings),
         )
 
     def metadata(self) -> sa.MetaData | None:

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 
 from ..exc import ConfigurationError
 from ..master_keys import AwsKmsMasterKey, LocalMasterKey, MasterKey
+from ..registry import check_application
 from .errors import UsageError
 
 PROG = "kms-field"
@@ -28,6 +29,7 @@ ENV = {
     "previous_master_keys": "KMS_FIELD_PREVIOUS_MASTER_KEYS",
     "models": "KMS_FIELD_MODELS",
     "active_ttl": "KMS_FIELD_ACTIVE_TTL",
+    "application": "KMS_FIELD_APPLICATION",
 }
 FLAGS = {
     "database_url": "--database-url",
@@ -35,6 +37,7 @@ FLAGS = {
     "previous_master_keys": "--previous-master-key",
     "models": "--models",
     "active_ttl": "--active-ttl",
+    "application": "--application",
 }
 CONFIG_FILE = "kms-field.toml"
 MASTER_KEY_SYNTAX = (
@@ -169,6 +172,17 @@ def active_ttl(settings: Settings) -> float:
     if seconds < 0:
         raise UsageError(f"{found.source} must be a number of seconds (0 or more)")
     return seconds
+
+
+def application(settings: Settings) -> str | None:
+    """The application identifier bound into encryption contexts (None unless configured)."""
+    found = settings.get("application")
+    if found is None:
+        return None
+    try:
+        return check_application(str(found.value))
+    except ConfigurationError as exc:
+        raise UsageError(f"{exc} (from {found.source})") from None
 
 
 def _relative_to(spec: str, config_file: Path) -> str:

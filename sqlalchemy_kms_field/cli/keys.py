@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC
 
 from .. import lifecycle, reencrypt
 from ..envelope import DataKey, IndexKey
 from ..key_store import KeyState
+from ..master_keys import AwsKmsMasterKey
 from ..registry import KeyRegistry
 from .app import App, key_kind
-from .config import ENV, FLAGS, PROG
+from .config import ENV, FLAGS, PROG, master_key_from_spec
 from .errors import Refused, UsageError
 from .output import add_row, census_table, job_column, key_json, keys_table, new_table, when
 
@@ -142,7 +144,8 @@ def cmd_keys_rewrap(app: App, args: argparse.Namespace) -> int:
                 f"which is not the master key: add the master key that wrapped it to "
                 f"{ENV['previous_master_keys']} (or pass {FLAGS['previous_master_keys']})"
             )
-    done = lifecycle.rewrap_data_keys(names, registry=registry)
+    source = ... if args.from_application is None else (args.from_application or None)
+    done = lifecycle.rewrap_data_keys(names, registry=registry, from_application=source)
     if not done:
         app.say("no data key to rewrap")
         return 0
@@ -221,5 +224,27 @@ def cmd_keys_destroy(app: App, args: argparse.Namespace) -> int:
     app.say(
         f"destroyed {kind} key {args.name!r} version {args.version}: its wrapped key is erased "
         f"and {lost}"
+    )
+    return 0
+
+
+def cmd_keys_shred(app: App, args: argparse.Namespace) -> int:
+    registry = app.registry(master=True)
+    old = master_key_from_spec(args.old_master_key, "--old-master-key")
+    if not isinstance(old, AwsKmsMasterKey):
+        raise UsageError(
+            "--old-master-key must be an aws-kms: key: only a KMS key can be scheduled for "
+            "deletion (for a local key, destroy the key file and every copy of it yourself)"
+        )
+    done = lifecycle.shred_master_key(
+        old, pending_window_days=args.pending_days, confirm=args.yes_shred, registry=registry
+    )
+    when = done.deletion_date.astimezone(UTC)
+    app.say(
+        f"{len(done.rewrapped)} key versions rewrapped under {registry.master_key.key_id} and "
+        f"verified; {done.old_master_key_id} is scheduled for deletion on "
+        f"{when:%Y-%m-%d %H:%M} UTC. KMS refuses it from now on; on that date every copy of a "
+        "key it wrapped (backups, archives, replicas) becomes unreadable for good. Until then "
+        "`aws kms cancel-key-deletion` undoes it."
     )
     return 0

@@ -17,6 +17,7 @@ from .keys import (
     cmd_keys_retire,
     cmd_keys_rewrap,
     cmd_keys_rotate,
+    cmd_keys_shred,
 )
 from .status import cmd_status
 
@@ -81,6 +82,12 @@ def _common_options() -> argparse.ArgumentParser:
         help=f"how long processes keep the active key versions (overrides {ENV['active_ttl']})",
     )
     group.add_argument(
+        "--application",
+        metavar="NAME",
+        default=s,
+        help=f"application identifier in the encryption context (overrides {ENV['application']})",
+    )
+    group.add_argument(
         "-v", "--verbose", action="store_true", default=s, help="log what the library does (INFO)"
     )
     return common
@@ -141,7 +148,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
 
     keys = commands.add_parser(
         "keys",
-        help="data and blind-index keys: list, create, rotate, rewrap, retire, destroy",
+        help="data and blind-index keys: list, create, rotate, rewrap, retire, destroy, shred",
         parents=[common],
     )
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
@@ -226,6 +233,12 @@ def _add_keys_commands(add: Callable[..., argparse.ArgumentParser], keys_command
         "rewrap data keys under the master key (master key rotation; no row changes)",
     )
     p.add_argument("names", metavar="NAME", nargs="*", help="only these data keys (default: all)")
+    p.add_argument(
+        "--from-application",
+        metavar="NAME",
+        help="the keys are wrapped under this application identifier now ('' for keys made "
+        "before one was configured); they move to --application / KMS_FIELD_APPLICATION",
+    )
     p = add(
         keys_commands,
         "retire",
@@ -247,6 +260,32 @@ def _add_keys_commands(add: Callable[..., argparse.ArgumentParser], keys_command
         "--yes-destroy",
         action="store_true",
         help="confirm: values under this version become unreadable forever",
+    )
+    p = add(
+        keys_commands,
+        "shred",
+        cmd_keys_shred,
+        "rewrap every key version under the master key, verify, then schedule the old KMS key "
+        "for deletion: backups of destroyed keys become unreadable too",
+    )
+    p.add_argument(
+        "--old-master-key",
+        metavar="aws-kms:ID",
+        required=True,
+        help="the KMS key to delete (it must not be the master key)",
+    )
+    p.add_argument(
+        "--pending-days",
+        type=int,
+        choices=range(7, 31),
+        default=30,
+        metavar="DAYS",
+        help="KMS's waiting period before the deletion, 7 to 30 (default 30)",
+    )
+    p.add_argument(
+        "--yes-shred",
+        action="store_true",
+        help="confirm: everything the old key wrapped, in every backup, becomes unreadable",
     )
 
 

@@ -1,7 +1,7 @@
 """Run one re-encryption job in a process of its own and report how it ended, as JSON on stdout.
 
     python tests/scripts/reencrypt_job.py URL MASTER_KEY TABLE COLUMN KEY [--batch-size N]
-        [--active-ttl SECONDS]
+        [--active-ttl SECONDS] [--previous-master-key MASTER_KEY ...]
 
 MASTER_KEY is ``local:PATH`` or ``aws-kms:KEY-ID`` (as in migrations/env.py); an AWS KMS key is
 reached the standard way (``AWS_ENDPOINT_URL_KMS`` and friends from the environment). A fresh
@@ -49,6 +49,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=2000)
     # The active_ttl the job assumes of the application's processes (none run in the tests).
     parser.add_argument("--active-ttl", type=float, default=0.0)
+    parser.add_argument("--previous-master-key", action="append", default=[])
     args = parser.parse_args()
 
     engine = sa.create_engine(args.url)
@@ -56,6 +57,7 @@ def main() -> int:
         master_key=master_key(args.master_key),
         key_store=kf.SqlKeyStore(engine),
         active_ttl=args.active_ttl,
+        previous_master_keys=[master_key(spec) for spec in args.previous_master_key],
     )
     try:
         result = reencrypt_column(

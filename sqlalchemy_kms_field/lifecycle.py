@@ -184,7 +184,7 @@ def destroy_data_key(
 
     What it reaches: the key-store row stays as a tombstone (state ``destroyed``, empty wrapped
     key, so the version number is never reused); the wrapped key is overwritten, and on
-    PostgreSQL the key table is vacuumed so the old row version leaves the table's pages.
+    PostgreSQL the key table is rewritten (VACUUM FULL) without the old row versions.
     What it does not reach: the database's write-ahead/redo/undo logs and their archives,
     replicas, and backups still hold the old wrapped key, which the master key can unwrap:
     only retiring the master key itself (a shred) makes those copies useless.
@@ -305,4 +305,5 @@ def _duration(seconds: float) -> str:
         return f"{s // 60} min"
     if s < 2 * 86400:
         return f"{s // 3600} h {s % 3600 // 60} min"
-    return f"{s // 86400} days {s % 86400 // 3600} h"
+    days, hours = s // 86400, s % 86400 // 3600
+    return f"{days} days" + (f" {hours} h" if hours else "")

@@ -262,16 +262,16 @@ def _say_what_was_erased(app: App, erased: Erased) -> None:
     if erased.vacuumed is False:
         reached = "the row is a tombstone, but the old row version is still in the table's pages"
         app.say(
-            f"WARNING: VACUUM did not run ({erased.problem}): run `VACUUM` on the key table "
-            "as its owner",
+            f"WARNING: VACUUM FULL did not run ({erased.problem}): run `VACUUM FULL` on the key "
+            "table as its owner",
             style="bold yellow",
         )
     app.say(f"  reached: {reached}")
     if erased.older_transactions:
         app.say(
             f"WARNING: {erased.older_transactions} transaction(s) older than the destroy were "
-            "open: VACUUM keeps the old row version while one may still see it; run `VACUUM` "
-            "on the key table again once they end",
+            "open: VACUUM FULL keeps the old row version while one may still see it; run "
+            "`VACUUM FULL` on the key table again once they end",
             style="bold yellow",
         )
     app.say(

@@ -68,6 +68,10 @@ class ColumnRef:
         prefix = f"{self.schema}." if self.schema else ""
         return f"{prefix}{self.table}.{self.column}"
 
+    def where(self) -> tuple[str | None, str, str]:
+        """Schema, table and column: the place, whatever the key."""
+        return (self.schema, self.table, self.column)
+
 
 @dataclass
 class Census:

@@ -13,7 +13,7 @@ import hmac
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import sqlalchemy as sa
 
@@ -143,9 +143,11 @@ def retire_data_key(
             f"{_job(stored)} every column first"
         )
     store.upgrade()  # the grace periods need activated_at and retired_at
-    now = store.clock()  # before the census: it must start after every process moved on
-    counts, _ = _prove_unused(stored, metadata, columns, schemas, progress, registry, "retiring")
-    _refuse_until_everyone_moved(store, stored, now, registry.active_ttl)
+    # Cheap refusals first, the scan of the whole database last: it must start once no
+    # process can write under the version any more.
+    counts = _census_of_known_columns(stored, metadata, columns, registry, "retiring")
+    _refuse_until_everyone_moved(store, stored, registry.active_ttl)
+    _scan_every_column(stored, schemas, counts, progress, registry, "retiring")
     store.retire(name, version)
     registry.forget()
     log.info("%s %r version %d retired", _kind(stored), name, version)
@@ -206,49 +208,77 @@ def destroy_data_key(
     store.upgrade()
     stored = store.get(name, version)  # retired_at, filled in by the upgrade if it was missing
     _refuse_within_grace(store, stored, grace_period, skip_grace_period)
-    _, found = _prove_unused(stored, metadata, columns, schemas, progress, registry, "destroying")
+    counts = _census_of_known_columns(stored, metadata, columns, registry, "destroying")
+    found = _scan_every_column(stored, schemas, counts, progress, registry, "destroying")
     erased = store.destroy(name, version)
     registry.forget()
     log.warning("%s %r version %d destroyed", _kind(stored), name, version)
     return Destroyed(name, version, found, erased, skip_grace_period)
 
 
-def _prove_unused(
+def _census_of_known_columns(
     stored: StoredKey,
     metadata: sa.MetaData | None,
     columns: Sequence[ColumnRef],
+    registry: KeyRegistry,
+    doing: str,
+) -> list[Census]:
+    """Rows per version in the known columns of the key; refuses if any is on the version."""
+    refs = [r for r in census.merge(known_columns(metadata, registry=registry), columns)
+            if r.key == stored.name]  # fmt: skip
+    counts = column_census(refs, registry=registry)
+    _refuse_if_used(stored, {c.column: c.by_version.get(stored.version, 0) for c in counts}, doing)
+    return counts
+
+
+def _scan_every_column(
+    stored: StoredKey,
     schemas: Sequence[str],
+    known: Sequence[Census],
     progress: Progress | None,
     registry: KeyRegistry,
     doing: str,
-) -> tuple[list[Census], Scan]:
-    """The known columns' census and a scan of the whole database; refuses if any row is left."""
+) -> Scan:
+    """Every text and binary column of the default schema, of ``schemas`` and of the known
+    columns' schemas, searched for values under the version; refuses if any holds one."""
     name, version = stored.name, stored.version
-    refs = [r for r in census.merge(known_columns(metadata, registry=registry), columns)
-            if r.key == name]  # fmt: skip
-    counts = column_census(refs, registry=registry)
-    everywhere = [*schemas, *(r.schema for r in refs if r.schema)]
+    everywhere = [*schemas, *(c.column.schema for c in known if c.column.schema)]
     found = scan.scan_database(
         registry.key_store.engine, name, version, schemas=everywhere, progress=progress
     )
     log.info("scanned %d tables (%d columns) of %s for %r version %d in %.1f s", found.tables,
              found.columns, found.schema_names(), name, version, found.seconds)  # fmt: skip
-    still = {str(c.column): f"{n:,} rows" for c in counts if (n := c.by_version.get(version, 0))}
-    for f in found.found:  # a column nobody declared: its jobs need the key named
-        still.setdefault(str(f.column), f"{f.rows:,} rows, undeclared")
-    if still:
-        detail = ", ".join(f"{col}: {n}" for col, n in sorted(still.items()))
-        raise KeyStateError(
-            f"{_what(stored)} is still used ({detail}); {_job(stored)} these columns before "
-            f"{doing} it (an undeclared column needs its key named: key={name!r}, --key {name})"
-        )
-    return counts, found
+    declared = {c.column.where() for c in known}
+    _refuse_if_used(stored, {f.column: f.rows for f in found.found}, doing, declared)
+    return found
 
 
-def _refuse_until_everyone_moved(
-    store: SqlKeyStore, stored: StoredKey, now: datetime, active_ttl: float
+def _refuse_if_used(
+    stored: StoredKey,
+    rows: dict[ColumnRef, int],
+    doing: str,
+    declared: set[tuple[str | None, str, str]] | None = None,
 ) -> None:
+    """Refuse naming every column with rows on the version. With ``declared`` (the known
+    columns), the others are marked undeclared: their jobs need the key named."""
+    used = sorted((ref, n) for ref, n in rows.items() if n)
+    if not used:
+        return
+    unknown = {ref for ref, _ in used if declared is not None and ref.where() not in declared}
+    detail = ", ".join(
+        f"{ref}: {n:,} rows" + (", undeclared" if ref in unknown else "") for ref, n in used
+    )
+    name = stored.name
+    hint = f" (an undeclared column needs its key named: key={name!r}, --key {name})"
+    raise KeyStateError(
+        f"{_what(stored)} is still used ({detail}); {_job(stored)} these columns before {doing} "
+        f"it{hint if unknown else ''}"
+    )
+
+
+def _refuse_until_everyone_moved(store: SqlKeyStore, stored: StoredKey, active_ttl: float) -> None:
     """Processes re-read the active version every active_ttl s: until then one may write."""
+    now = store.clock()
     moved = store.superseded_at(stored.name, stored.version) or now
     ready = moved + timedelta(seconds=active_ttl + ACTIVE_TTL_MARGIN)
     if now < ready:

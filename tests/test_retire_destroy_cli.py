@@ -4,7 +4,11 @@ flag says otherwise, and says what it erased and what it could not reach."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import pty
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -13,8 +17,11 @@ import pytest
 import sqlalchemy as sa
 
 import sqlalchemy_kms_field as kf
+from sqlalchemy_kms_field.cli.output import ScanDisplay
+from sqlalchemy_kms_field.scan import ScanProgress
 from tests.helpers import unwrapped_key
 from tests.test_cli import (
+    CLI,
     MODELS,
     Cli,
     census_row,
@@ -165,3 +172,87 @@ def test_status_counts_each_format_and_the_scan_takes_schemas(
     out = cli("keys", "retire", "pii", "--version", "1", "--schema", "kf_test_archive", code=1)
     assert "kf_test_archive.old_users.email: 1 rows, undeclared" in out.stderr
     assert "in (default), kf_test_archive in " in out.stdout
+
+
+# The scan's progress ---------------------------------------------------------------------------
+
+
+class Printed:
+    """What ScanDisplay needs of the App: a console and say(); lines said are kept."""
+
+    def __init__(self, terminal: bool) -> None:
+        from rich.console import Console
+
+        self.console = Console(file=io.StringIO(), force_terminal=terminal, width=120)
+        self.lines: list[str] = []
+
+    def say(self, text: str = "", style: str | None = None) -> None:
+        self.lines.append(text)
+
+
+def scan_steps(total: int) -> list[ScanProgress]:
+    return [
+        ScanProgress(i, total, f"t{i}", 2 * i, i / 10, "(default), kf_test_a")
+        for i in range(1, total + 1)
+    ]
+
+
+def test_scan_progress_plain_lines_off_a_terminal() -> None:
+    app = Printed(terminal=False)
+    with ScanDisplay(app, "census of data key 'pii' v1", every_seconds=0) as display:
+        for step in scan_steps(3):
+            display(step)
+    assert app.lines == [
+        "census of data key 'pii' v1: 1/3 tables (t1)",
+        "census of data key 'pii' v1: 2/3 tables (t2)",
+        "census of data key 'pii' v1: scanned 3 tables (6 text and binary columns) in "
+        "(default), kf_test_a in 0.3 s",
+    ]
+    quiet = Printed(terminal=False)
+    with ScanDisplay(quiet, "census", every_seconds=60) as display:
+        for step in scan_steps(50):
+            display(step)
+    assert len(quiet.lines) == 1 and "scanned 50 tables" in quiet.lines[0]
+
+
+@pytest.mark.databases("sqlite")
+def test_scan_progress_bar_on_a_terminal(
+    db_url: str,
+    engine: sa.Engine,
+    cli: Cli,
+    work: Path,
+    models: ModuleType,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    key_file = work / "dev.key"
+    setup_database(cli, db_url, key_file)
+    configure_here(engine, kf.LocalMasterKey.from_file(key_file), monkeypatch)
+    models.metadata.create_all(engine)
+    with engine.begin() as conn:
+        for i in range(40):  # tables enough for the bar to be drawn
+            conn.exec_driver_sql(f"CREATE TABLE t{i:02} (id INTEGER PRIMARY KEY, a TEXT, b BLOB)")
+    cli("keys", "rotate", "pii")
+    cli("reencrypt", "cli_users.email")
+
+    leader, follower = pty.openpty()
+    env = {**cli.env, "TERM": "xterm-256color", "COLUMNS": "120"}
+    proc = subprocess.Popen([*CLI, "keys", "retire", "pii", "--version", "1"],
+                            cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=follower,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(leader)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    output = b"".join(chunks).decode("utf-8", "replace")
+    assert "\x1b[" in output  # drawn for a terminal
+    assert "tables" in output
+    assert "scanned 44 tables" in output  # 40, cli_users and the 3 tables of kms-field setup
+    assert "retired data key 'pii' version 1" in output

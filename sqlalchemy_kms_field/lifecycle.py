@@ -125,10 +125,10 @@ def retire_data_key(
 
     Refused while any column of the database holds a value under it: the known columns (those
     recorded by jobs, those of ``metadata`` and ``columns``) and every text and binary column
-    of every table in the default schema and in ``schemas`` (``progress`` hears of each
-    table). Refused, too, until ``active_ttl`` (plus a margin) has passed on the database's
-    clock since a newer version became active: until then a process may still write under it.
-    Returns the census of the known columns.
+    of every table in the default schema and in ``schemas`` (``["*"]``: every schema but the
+    system ones; ``progress`` hears of each table). Refused, too, until ``active_ttl`` (plus a
+    margin) has passed on the database's clock since a newer version became active: until
+    then a process may still write under it. Returns the census of the known columns.
     """
     registry = registry or get_registry()
     store = registry.key_store

@@ -64,6 +64,10 @@ class Scan:
 
 Progress = Callable[[ScanProgress], None]
 
+# In ``schemas``: every schema the database user can see, but the database's own.
+ALL_SCHEMAS = "*"
+_SYSTEM_SCHEMAS = {"information_schema", "performance_schema", "mysql", "sys", "pg_catalog"}
+
 
 def scan_database(
     engine: Engine,
@@ -74,7 +78,8 @@ def scan_database(
     progress: Progress | None = None,
 ) -> Scan:
     """Count, in every table of the default schema and of ``schemas``, the values under
-    ``key`` version ``version`` in any stored-value format.
+    ``key`` version ``version`` in any stored-value format. ``schemas`` may hold
+    :data:`ALL_SCHEMAS` (``"*"``): every schema but the system ones.
 
     A table that cannot be read raises: a scan that skipped it would prove nothing.
     """
@@ -100,7 +105,10 @@ def scan_database(
 
 def _check_schemas(conn: Connection, schemas: Sequence[str | None]) -> list[str | None]:
     named = sorted({s for s in schemas if s})
-    if named:
+    if ALL_SCHEMAS in named:
+        every = sa.inspect(conn).get_schema_names()
+        named = sorted(s for s in every if s.lower() not in _SYSTEM_SCHEMAS)
+    elif named:
         existing = set(sa.inspect(conn).get_schema_names())
         missing = [s for s in named if s not in existing]
         if missing:

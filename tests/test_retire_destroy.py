@@ -377,6 +377,11 @@ def test_the_scan_covers_every_schema_named(
     with pytest.raises(kf.KeyStateError) as refused:  # only the schemas named are scanned
         lifecycle.retire_data_key("pii", 1, schemas=[crm])
     assert f"{crm}.contacts" in str(refused.value) and "billing" not in str(refused.value)
+    if engine.dialect.name == "postgresql":  # on MariaDB, "*" is every database of the server
+        with pytest.raises(kf.KeyStateError) as refused:
+            lifecycle.retire_data_key("pii", 1, schemas=["*"])
+        assert f"{billing}.invoices" in str(refused.value)
+        assert f"{crm}.contacts" in str(refused.value)
     with pytest.raises(kf.ConfigurationError, match=r"'kf_test_nowhere' does not exist.*--schema"):
         lifecycle.retire_data_key("pii", 1, schemas=["kf_test_nowhere"])
     assert state(registry, 1) == "readable"

@@ -172,6 +172,9 @@ def test_status_counts_each_format_and_the_scan_takes_schemas(
     out = cli("keys", "retire", "pii", "--version", "1", "--schema", "kf_test_archive", code=1)
     assert "kf_test_archive.old_users.email: 1 rows, undeclared" in out.stderr
     assert "in (default), kf_test_archive in " in out.stdout
+    out = cli("keys", "retire", "pii", "--version", "1", "--all-schemas", code=1)
+    assert "kf_test_archive.old_users.email: 1 rows, undeclared" in out.stderr
+    assert "in (default), kf_test_archive in " in out.stdout  # public is the default schema
 
 
 # The scan's progress ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..lifecycle import DESTROY_GRACE_PERIOD
+from ..scan import ALL_SCHEMAS
 from .app import App
 from .bootstrap import cmd_config, cmd_init_local, cmd_setup
 from .config import CONFIG_FILE, ENV, MASTER_KEY_SYNTAX, PROG
@@ -272,6 +273,13 @@ def _add_scan_options(p: argparse.ArgumentParser) -> None:
         metavar="S",
         action="append",
         help="also scan every table of schema S (repeatable); the default schema always is",
+    )
+    p.add_argument(
+        "--all-schemas",
+        dest="schema",
+        action="append_const",
+        const=ALL_SCHEMAS,
+        help="scan every schema the database user can see (but the system ones)",
     )
 
 

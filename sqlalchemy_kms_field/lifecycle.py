@@ -19,8 +19,9 @@ import sqlalchemy as sa
 
 from . import census, scan
 from .census import Census, ColumnRef
+from .erasure import Erased
 from .exc import ConfigurationError, KeyStateError, MasterKeyError
-from .key_store import ACTIVE_TTL_MARGIN, Erased, KeyState, SqlKeyStore, StoredKey
+from .key_store import ACTIVE_TTL_MARGIN, KeyState, SqlKeyStore, StoredKey
 from .registry import KeyRegistry, get_registry, key_context
 from .scan import Progress, Scan
 

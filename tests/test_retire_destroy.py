@@ -446,3 +446,21 @@ def test_destroy_leaves_no_copy_in_the_sqlite_file(
     engine.dispose()
     assert wrapped not in path.read_bytes()
     assert state(registry, 1) == "destroyed"
+
+
+@pytest.mark.databases("postgresql")
+def test_destroy_reports_a_vacuum_that_could_not_run(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    retire_v1(engine, registry)
+    with engine.connect() as reader:  # a long transaction that read the key table holds a lock
+        reader.execute(sa.text("SELECT count(*) FROM kms_field_keys")).scalar_one()
+        started = time.monotonic()
+        done = lifecycle.destroy_data_key("pii", 1, confirm=True, skip_grace_period=True)
+        assert time.monotonic() - started < 30  # VACUUM FULL waited 5 s for its lock, no more
+        reader.rollback()
+
+    assert (done.erased.vacuumed, done.erased.problem) == (False, "LockNotAvailable")
+    assert state(registry, 1) == "destroyed"  # the destroy itself is committed
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "0"  # reset

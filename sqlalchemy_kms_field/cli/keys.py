@@ -12,7 +12,8 @@ import json
 
 from .. import lifecycle, reencrypt
 from ..envelope import DataKey, IndexKey
-from ..key_store import Erased, KeyState, erasure_limits
+from ..erasure import Erased, erasure_limits
+from ..key_store import KeyState
 from ..registry import KeyRegistry
 from .app import App, key_kind
 from .config import ENV, FLAGS, PROG

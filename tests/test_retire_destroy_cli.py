@@ -89,7 +89,7 @@ def test_retire_and_destroy_census_every_column(
     assert "--key pii" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
     assert "census of data key 'pii' v1: scanned" in out.stdout
-    assert " columns) in (default) in " in out.stdout
+    assert " columns that can hold a value) in (default) in " in out.stdout
     assert registry.key_store.get("pii", 1).state is kf.KeyState.READABLE
 
     cli("reencrypt", "cli_orders.ship_to", "--key", "pii")
@@ -208,7 +208,7 @@ def test_scan_progress_plain_lines_off_a_terminal() -> None:
     assert app.lines == [
         "census of data key 'pii' v1: 1/3 tables (t1)",
         "census of data key 'pii' v1: 2/3 tables (t2)",
-        "census of data key 'pii' v1: scanned 3 tables (6 text and binary columns) in "
+        "census of data key 'pii' v1: scanned 3 tables (6 columns that can hold a value) in "
         "(default), kf_test_a in 0.3 s",
     ]
     quiet = Printed(terminal=False)

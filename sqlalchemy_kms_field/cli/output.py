@@ -240,6 +240,6 @@ class ScanDisplay:
             self.app.say(f"{self.label}: {done:,}/{total:,} tables ({step.table})")
         if done == total:
             self.app.say(
-                f"{self.label}: scanned {total:,} tables ({step.columns_done:,} text and binary "
-                f"columns) in {step.schemas} in {step.seconds:.1f} s"
+                f"{self.label}: scanned {total:,} tables ({step.columns_done:,} columns that can "
+                f"hold a value) in {step.schemas} in {step.seconds:.1f} s"
             )

@@ -344,9 +344,11 @@ class SqlKeyStore:
             conn.execute(
                 t.update().where(mine).values(wrapped_key=b"", state=KeyState.DESTROYED.value)
             )
-            destroyed_at = conn.execute(sa.select(utc_now())).scalar_one()
-        if self.engine.dialect.name != "postgresql":
-            return Erased(self.engine.dialect.name, vacuumed=None)
+            if conn.dialect.name != "postgresql":
+                return Erased(conn.dialect.name, vacuumed=None)
+            # After the writes: a transaction begun later has a newer transaction id.
+            after = sa.text("SELECT clock_timestamp() AT TIME ZONE 'UTC'")
+            destroyed_at = conn.execute(after).scalar_one()
         return vacuum_full(self.engine, self.table, destroyed_at)
 
     # Helpers ---------------------------------------------------------------------------------

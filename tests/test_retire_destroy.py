@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -19,12 +20,14 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
 
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import lifecycle
 from sqlalchemy_kms_field.census import ColumnRef, header_prefixes
 from sqlalchemy_kms_field.reencrypt import reencrypt_column
 from sqlalchemy_kms_field.scan import ScanProgress
+from tests.databases import SERVER_URLS
 from tests.helpers import configure_local, error_texts, reset_global_registry, unwrapped_key
 
 ACTIVE_TTL = 1.0
@@ -399,6 +402,16 @@ def retire_v1(engine: sa.Engine, registry: kf.KeyRegistry) -> bytes:
     return wrapped
 
 
+def heap(engine: sa.Engine) -> bytes:
+    """The key table's relation file as on disk (the server runs on this machine)."""
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CHECKPOINT")  # flush dirty pages to the file
+        data = conn.exec_driver_sql(
+            "SELECT pg_read_binary_file(pg_relation_filepath('kms_field_keys'))"
+        ).scalar_one()
+    return bytes(data)
+
+
 @pytest.mark.databases("postgresql")
 def test_destroy_removes_the_wrapped_key_from_the_postgresql_heap(
     engine: sa.Engine, registry: kf.KeyRegistry
@@ -406,25 +419,16 @@ def test_destroy_removes_the_wrapped_key_from_the_postgresql_heap(
     wrapped = retire_v1(engine, registry)
     assert len(wrapped) >= 40
 
-    def heap() -> bytes:
-        """The key table's relation file as on disk (the server runs on this machine)."""
-        with engine.connect() as conn:
-            conn.exec_driver_sql("CHECKPOINT")  # flush dirty pages to the file
-            data = conn.exec_driver_sql(
-                "SELECT pg_read_binary_file(pg_relation_filepath('kms_field_keys'))"
-            ).scalar_one()
-        return bytes(data)
-
-    assert wrapped in heap()  # the test can see the bytes it looks for
+    assert wrapped in heap(engine)  # the test can see the bytes it looks for
     with engine.begin() as conn:  # what destroy did before: blank the row, nothing more
         conn.execute(sa.text("UPDATE kms_field_keys SET state = state WHERE version = 1"))
-    assert wrapped in heap()  # an UPDATE leaves the old row version as a dead tuple
+    assert wrapped in heap(engine)  # an UPDATE leaves the old row version as a dead tuple
 
     done = lifecycle.destroy_data_key("pii", 1, confirm=True, skip_grace_period=True)
 
     assert done.erased.vacuumed is True and done.erased.problem is None
-    assert wrapped not in heap()
-    assert wrapped[: len(wrapped) // 2] not in heap()
+    assert wrapped not in heap(engine)
+    assert wrapped[: len(wrapped) // 2] not in heap(engine)
     with engine.connect() as conn:
         row = conn.execute(
             sa.text("SELECT state, wrapped_key FROM kms_field_keys WHERE version = 1")
@@ -464,3 +468,31 @@ def test_destroy_reports_a_vacuum_that_could_not_run(
     assert state(registry, 1) == "destroyed"  # the destroy itself is committed
     with engine.connect() as conn:
         assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "0"  # reset
+
+
+@pytest.mark.databases("postgresql")
+def test_destroy_outwaits_an_older_transaction_of_another_database(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    # A transaction with an id, running in another database of the server when the destroy
+    # commits, holds back what any VACUUM may remove: the old row version would be copied.
+    wrapped = retire_v1(engine, registry)
+    elsewhere = sa.create_engine(SERVER_URLS["postgresql"], poolclass=NullPool)
+    outcome: list[Any] = []
+    with elsewhere.connect() as other:
+        other.exec_driver_sql("SELECT txid_current()")  # it has a transaction id from now on
+        worker = threading.Thread(
+            target=lambda: outcome.append(
+                lifecycle.destroy_data_key("pii", 1, confirm=True, skip_grace_period=True)
+            )
+        )
+        worker.start()
+        time.sleep(2)
+        assert worker.is_alive()  # waiting for the older transaction
+        other.rollback()
+    worker.join(timeout=60)
+    elsewhere.dispose()
+
+    [done] = outcome
+    assert (done.erased.vacuumed, done.erased.older_transactions) == (True, 0)
+    assert wrapped not in heap(engine)

@@ -1,8 +1,9 @@
 """Counting rows per data key version with SQL alone, from the header prefix of stored values.
 
-No value is decrypted: ``kf1:pii:2:`` at the start of a stored value is enough to know the key
-version it is on. The census decides when a re-encryption is finished and when a data key
-version may be retired. Known encrypted columns are recorded in ``kms_field_columns``.
+No value is decrypted: ``kf1:pii:2:`` (or ``kf2:pii:2:``) at the start of a stored value is
+enough to know the key version it is on. The census decides when a re-encryption is finished and
+when a data key version may be retired. Known encrypted columns are recorded in
+``kms_field_columns``; ``scan.py`` counts the same way over every column of the database.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from . import envelope
-from .envelope import IndexKey
 from .exc import ConfigurationError
+
+# Every stored-value format a census counts: a value in any of them is "on" its key version.
+FORMATS: tuple[str, ...] = ("kf1", "kf2")
 
 _metadata = sa.MetaData()
 
@@ -63,6 +68,10 @@ class ColumnRef:
         prefix = f"{self.schema}." if self.schema else ""
         return f"{prefix}{self.table}.{self.column}"
 
+    def where(self) -> tuple[str | None, str, str]:
+        """Schema, table and column: the place, whatever the key."""
+        return (self.schema, self.table, self.column)
+
 
 @dataclass
 class Census:
@@ -71,36 +80,59 @@ class Census:
     column: ColumnRef
     total: int
     nulls: int
-    by_version: dict[int, int] = field(default_factory=dict)
+    by_version: dict[int, int] = field(default_factory=dict)  # every format together
     other: int = 0  # neither NULL nor on a known version: plaintext, or another key's values
+    by_format: dict[str, dict[int, int]] = field(default_factory=dict)  # format -> version -> n
 
     def on_other_versions(self, version: int) -> int:
         """Rows that are not NULL and not on ``version``."""
         return self.total - self.nulls - self.by_version.get(version, 0)
 
+    def in_format(self, fmt: str) -> int:
+        """Rows in stored-value format ``fmt`` (``kf1``, ``kf2``), whatever their version."""
+        return sum(self.by_format.get(fmt, {}).values())
 
-def prefix(key: str, version: int, binary: bool) -> str | bytes:
-    head = envelope.header(key, version)
+
+def header_prefixes(key: str, version: int) -> dict[str, str]:
+    """The header of ``key`` version ``version`` in every format: ``{"kf1": "kf1:pii:2:", ...}``.
+
+    Every census counts a value in any of these as on that version.
+    """
+    rest = envelope.header(key, version).split(":", 1)[1]  # checks the name and the version
+    return {fmt: f"{fmt}:{rest}" for fmt in FORMATS}
+
+
+def prefix(key: str, version: int, binary: bool, fmt: str = "kf1") -> str | bytes:
+    head = header_prefixes(key, version)[fmt]
     return head.encode("ascii") if binary else head
 
 
-def _on_version(
-    col: sa.ColumnElement[Any], key: str, version: int, binary: bool
-) -> sa.ColumnElement[bool]:
-    """The value is under ``key`` ``version``: a stored value, or a blind-index value in
-    either of its formats (``kf2``, context-bound, and ``kf1`` of older releases)."""
-    heads = {prefix(key, version, binary)}
-    if not binary:
-        heads |= {f"{fmt}:{key}:{version}:" for fmt in (IndexKey.LEGACY_FORMAT, IndexKey.FORMAT)}
-    return sa.or_(*(starts_with(col, head) for head in sorted(heads, key=str)))
+class _Head(sa.sql.functions.FunctionElement[Any]):
+    """The first ``n`` characters (bytes) of a column, compared byte for byte on MySQL."""
+
+    inherit_cache = True
+
+
+@compiles(_Head)
+def _head_default(element: _Head, compiler: SQLCompiler, **kw: Any) -> str:
+    return f"substr({compiler.process(element.clauses, **kw)})"
+
+
+@compiles(_Head, "mysql")
+@compiles(_Head, "mariadb")
+def _head_mysql(element: _Head, compiler: SQLCompiler, **kw: Any) -> str:
+    # The default collations ignore case ('KF1:PII' = 'kf1:pii'): a binary string compares
+    # exactly, and makes the comparison with the literal binary too.
+    return f"CAST(substr({compiler.process(element.clauses, **kw)}) AS BINARY)"
 
 
 def starts_with(column: sa.ColumnElement[Any], value: str | bytes) -> sa.ColumnElement[bool]:
     """``column`` starts with ``value``, exactly (no LIKE wildcards, case-sensitive on MySQL)."""
     typ: sa.types.TypeEngine[Any] = sa.LargeBinary() if isinstance(value, bytes) else sa.String()
     empty = sa.literal(value[:0], typ)
+    head = _Head(column, sa.literal_column("1"), sa.literal_column(str(len(value))))
     # coalesce: SQLite's substr() of an empty BLOB is NULL, which would hide the row.
-    return sa.func.coalesce(sa.func.substr(column, 1, len(value)), empty) == sa.literal(value, typ)
+    return sa.func.coalesce(head, empty) == sa.literal(value, typ)
 
 
 def is_binary(column: sa.Column[Any]) -> bool:
@@ -123,21 +155,26 @@ def count_versions(
         raise ConfigurationError(f"table {table.fullname!r} has no column {ref.column!r}")
     col = table.c[ref.column]
     binary = is_binary(col)
-    versions = sorted(set(versions))
+    cells = [(v, fmt) for v in sorted(set(versions)) for fmt in FORMATS]
     counts = [
-        sa.func.sum(sa.case((_on_version(col, ref.key, v, binary), 1), else_=0)) for v in versions
+        sa.func.sum(sa.case((starts_with(col, prefix(ref.key, v, binary, fmt)), 1), else_=0))
+        for v, fmt in cells
     ]
     row = conn.execute(
         sa.select(sa.func.count(), sa.func.count(col), *counts).select_from(table)
     ).one()
     total, non_null = int(row[0]), int(row[1])
-    by_version = {v: int(n or 0) for v, n in zip(versions, row[2:], strict=True)}
+    by_format: dict[str, dict[int, int]] = {fmt: {} for fmt in FORMATS}
+    for (v, fmt), n in zip(cells, row[2:], strict=True):
+        by_format[fmt][v] = int(n or 0)
+    by_version = {v: sum(by_format[fmt][v] for fmt in FORMATS) for v, _ in cells}
     return Census(
         column=ref,
         total=total,
         nulls=total - non_null,
         by_version=by_version,
         other=non_null - sum(by_version.values()),
+        by_format=by_format,
     )
 
 

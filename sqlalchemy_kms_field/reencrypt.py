@@ -48,6 +48,7 @@ from .blind_index import BlindIndex
 from .census import ColumnRef
 from .envelope import DataKey, IndexKey
 from .exc import ConfigurationError, DecryptionError, KmsFieldError, ReencryptionError
+from .key_store import ACTIVE_TTL_MARGIN
 from .registry import KeyRegistry, get_registry
 
 log = logging.getLogger(__name__)
@@ -1123,14 +1124,17 @@ def _unsized_type(typ: sa.types.TypeEngine[Any]) -> sa.types.TypeEngine[Any]:
 def _wait_until_every_process_knows(
     registry: KeyRegistry, key: str, version: int, what: str
 ) -> bool:
-    """Sleep until every process has re-read the active versions since ``version`` was made.
+    """Sleep until every process has re-read the active versions since ``version`` was activated.
 
     Processes re-read them every ``active_ttl`` seconds, so that is active_ttl (plus a margin)
-    after the version's creation. True if it had to wait.
+    after its activation, measured on the database's clock (a version activated by a release
+    that did not record it counts as activated now). True if it had to wait.
     """
-    created = registry.key_store.get(key, version).created_at
-    ready = created + timedelta(seconds=registry.active_ttl + 2)
-    wait = (ready - _now()).total_seconds()
+    store = registry.key_store
+    now = store.clock()
+    activated = store.get(key, version).activated_at or now
+    ready = activated + timedelta(seconds=registry.active_ttl + ACTIVE_TTL_MARGIN)
+    wait = (ready - now).total_seconds()
     if wait <= 0:
         return False
     log.info(

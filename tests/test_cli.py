@@ -311,9 +311,13 @@ def test_rotate_reencrypt_retire_destroy(
 
     refused = cli("keys", "destroy", "pii", "--version", "1", code=1).stderr
     assert "--yes-destroy" in refused
+    refused = cli("keys", "destroy", "pii", "--version", "1", "--yes-destroy", code=1).stderr
+    assert "grace period of 3 days" in refused and "--skip-grace-period" in refused
     assert (
         "destroyed data key 'pii' version 1"
-        in cli("keys", "destroy", "pii", "--version", "1", "--yes-destroy").stdout
+        in cli(
+            "keys", "destroy", "pii", "--version", "1", "--yes-destroy", "--grace-period", "0"
+        ).stdout
     )
     listed = table_rows(cli("keys", "list").stdout, "name", "version", "state")
     assert [(r["version"], r["state"]) for r in listed] == [("1", "destroyed"), ("2", "active")]

@@ -3,7 +3,9 @@ census, known columns, retire (only when no row is left) and destroy."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -298,13 +300,31 @@ def test_known_columns_come_from_jobs_and_metadata(
 # Retire and destroy -----------------------------------------------------------------------------
 
 
+def retired_days_ago(engine: sa.Engine, name: str, version: int, *, days: float) -> None:
+    """Move a version's retirement back in time, as if ``days`` had passed since."""
+    keys = sa.table("kms_field_keys", sa.column("name"), sa.column("version"),
+                    sa.column("retired_at", sa.DateTime))  # fmt: skip
+    mine = (keys.c.name == name) & (keys.c.version == version)
+    with engine.begin() as conn:
+        retired = conn.execute(sa.select(keys.c.retired_at).where(mine)).scalar_one()
+        earlier = retired - timedelta(days=days, seconds=1)
+        conn.execute(keys.update().where(mine).values(retired_at=earlier))
+
+
 def test_retire_only_when_no_row_is_left(engine: sa.Engine, registry: kf.KeyRegistry) -> None:
     fill(engine)
     deks = [unwrapped_key(registry, "pii", v) for v in (1, 2)]
     kept = dump(engine)[0][1]  # alice's email on v1, kept aside
 
-    with pytest.raises(kf.ConfigurationError, match="no column is known") as raised:
+    # Nothing declares the columns: the scan of every column still finds them, once every
+    # process has moved to v2 (active_ttl after the rotation; before that, retire says so).
+    with pytest.raises(kf.KeyStateError, match="retry in") as raised:
         lifecycle.retire_data_key("pii", 1)
+    time.sleep(3.1)  # active_ttl (1 s) and the 2 s margin
+    with pytest.raises(kf.KeyStateError, match="still used") as raised:
+        lifecycle.retire_data_key("pii", 1)
+    assert "people.email: 3 rows, undeclared" in str(raised.value)
+    assert "people.photo: 2 rows, undeclared" in str(raised.value)
     assert_clean(raised.value, deks)
     with pytest.raises(kf.KeyStateError, match="active version") as raised:
         lifecycle.retire_data_key("pii", 2, metadata=PEOPLE.metadata)
@@ -357,7 +377,11 @@ def test_destroy_needs_confirmation_and_a_retired_version(
     with pytest.raises(kf.KeyStateError, match="confirm=True") as raised:
         lifecycle.destroy_data_key("pii", 1)
     assert_clean(raised.value, deks)
+    with pytest.raises(kf.KeyStateError, match="grace period of 3 days") as raised:
+        lifecycle.destroy_data_key("pii", 1, confirm=True)
+    assert_clean(raised.value, deks)
     assert registry.key_store.get("pii", 1).wrapped_key != b""
+    retired_days_ago(engine, "pii", 1, days=3)
 
     lifecycle.destroy_data_key("pii", 1, confirm=True)
 

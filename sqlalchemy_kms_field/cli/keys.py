@@ -13,13 +13,23 @@ from datetime import UTC
 
 from .. import lifecycle, reencrypt
 from ..envelope import DataKey, IndexKey
+from ..erasure import Erased, erasure_limits
 from ..key_store import KeyState
 from ..master_keys import AwsKmsMasterKey
 from ..registry import KeyRegistry
 from .app import App, key_kind
 from .config import ENV, FLAGS, PROG, master_key_from_spec
 from .errors import Refused, UsageError
-from .output import add_row, census_table, job_column, key_json, keys_table, new_table, when
+from .output import (
+    ScanDisplay,
+    add_row,
+    census_table,
+    job_column,
+    key_json,
+    keys_table,
+    new_table,
+    when,
+)
 
 # What moves a column's rows to the active version of a key of each kind.
 JOB_COMMAND = {"data": "reencrypt", "index": "reindex"}
@@ -165,21 +175,27 @@ def cmd_keys_retire(app: App, args: argparse.Namespace) -> int:
     before = registry.key_store.get(args.name, args.version)
     if before.kind == "index" and before.state is not KeyState.RETIRED:
         _refuse_index_in_use(app, registry, args.name, args.version)
-    counts = lifecycle.retire_data_key(
-        args.name,
-        args.version,
-        metadata=app.metadata(),
-        columns=app.index_columns(),
-        registry=registry,
-    )
+    label = f"census of {before.kind} key {args.name!r} v{args.version}"
+    with ScanDisplay(app, label) as display:
+        counts = lifecycle.retire_data_key(
+            args.name,
+            args.version,
+            metadata=app.metadata(),
+            columns=app.index_columns(),
+            schemas=args.schema or (),
+            progress=display,
+            registry=registry,
+        )
     if before.state is KeyState.RETIRED:
         app.say(f"{before.kind} key {args.name!r} version {args.version} was already retired")
         return 0
-    app.console.print(census_table(args.name, registry.key_store.versions(args.name), counts))
+    if counts:
+        app.console.print(census_table(args.name, registry.key_store.versions(args.name), counts))
     app.say(
-        f"retired {before.kind} key {args.name!r} version {args.version}: no known column holds "
-        f"a row on it, and it no longer {_works(before.kind)}. `{PROG} keys destroy {args.name} "
-        f"--version {args.version} --yes-destroy` erases it for good."
+        f"retired {before.kind} key {args.name!r} version {args.version}: no column of the "
+        f"scanned schemas holds a row on it, and it no longer {_works(before.kind)}. After the "
+        f"grace period, `{PROG} keys destroy {args.name} --version {args.version} "
+        "--yes-destroy` erases it for good."
     )
     return 0
 
@@ -189,19 +205,14 @@ def _works(kind: str) -> str:
 
 
 def _refuse_index_in_use(app: App, registry: KeyRegistry, name: str, version: int) -> None:
-    """The census rule of retire_data_key, worded for an index key (reindex, not re-encrypt)."""
+    """The census rule of retire_data_key on the known columns, worded for an index key
+    (reindex, not re-encrypt); retire_data_key then scans every other column."""
     if registry.key_store.active_version(name) == version:
         raise Refused(
             f"index key {name!r} version {version} is the active version; rotate it "
             f"(`{PROG} keys rotate {name}`) and reindex every column first"
         )
     refs = [ref for ref in app.known_columns(registry) if ref.key == name]
-    if not refs:
-        raise Refused(
-            f"no column is known to use index key {name!r}, so nothing proves version {version} "
-            f"unused: set {ENV['models']} to the models that declare its blind-index columns, "
-            f"or run `{PROG} reindex TABLE.COLUMN` first"
-        )
     counts = lifecycle.column_census(refs, registry=registry)
     still = [(c.column, c.by_version[version]) for c in counts if c.by_version.get(version)]
     if still:
@@ -215,16 +226,38 @@ def _refuse_index_in_use(app: App, registry: KeyRegistry, name: str, version: in
 def cmd_keys_destroy(app: App, args: argparse.Namespace) -> int:
     registry = app.registry(master=False)
     kind = registry.key_store.get(args.name, args.version).kind
-    lifecycle.destroy_data_key(args.name, args.version, confirm=args.yes_destroy, registry=registry)
+    if args.skip_grace_period:
+        app.say(
+            f"WARNING: --skip-grace-period: {kind} key {args.name!r} version {args.version} "
+            "may be destroyed before its grace period ends; there is no undo",
+            style="bold red",
+        )
+    elif args.grace_period < lifecycle.DESTROY_GRACE_PERIOD:
+        app.say(
+            f"WARNING: --grace-period {args.grace_period:g} s is shorter than the default "
+            f"({lifecycle.DESTROY_GRACE_PERIOD / 86400:g} days)",
+            style="bold yellow",
+        )
+    with ScanDisplay(app, f"census of {kind} key {args.name!r} v{args.version}") as display:
+        done = lifecycle.destroy_data_key(
+            args.name,
+            args.version,
+            confirm=args.yes_destroy,
+            grace_period=args.grace_period,
+            skip_grace_period=args.skip_grace_period,
+            metadata=app.metadata(),
+            columns=app.index_columns(),
+            schemas=args.schema or (),
+            progress=display,
+            registry=registry,
+        )
     lost = (
         "no index value computed under it can ever be matched again"
         if kind == "index"
         else "any value ever written under it can never be decrypted again"
     )
-    app.say(
-        f"destroyed {kind} key {args.name!r} version {args.version}: its wrapped key is erased "
-        f"and {lost}"
-    )
+    app.say(f"destroyed {kind} key {args.name!r} version {args.version}: {lost}")
+    _say_what_was_erased(app, done.erased)
     return 0
 
 
@@ -248,3 +281,26 @@ def cmd_keys_shred(app: App, args: argparse.Namespace) -> int:
         "`aws kms cancel-key-deletion` undoes it."
     )
     return 0
+
+
+def _say_what_was_erased(app: App, erased: Erased) -> None:
+    reached, missed = erasure_limits(erased.dialect)
+    if erased.vacuumed is False:
+        reached = "the row is a tombstone, but the old row version is still in the table's pages"
+        app.say(
+            f"WARNING: VACUUM FULL did not run ({erased.problem}): run `VACUUM FULL` on the key "
+            "table as its owner",
+            style="bold yellow",
+        )
+    app.say(f"  reached: {reached}")
+    if erased.older_transactions:
+        app.say(
+            f"WARNING: {erased.older_transactions} transaction(s) older than the destroy were "
+            "open: VACUUM FULL keeps the old row version while one may still see it; run "
+            "`VACUUM FULL` on the key table again once they end",
+            style="bold yellow",
+        )
+    app.say(
+        f"  not reached: {missed}; they are useless only once the master key that wrapped "
+        "it is retired too"
+    )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from ..census import Census
+from ..census import FORMATS, Census
 from ..key_store import KeyState, StoredKey
 from .config import PROG
 from .errors import UsageError
@@ -75,12 +75,20 @@ def census_table(key: str, stored: Sequence[StoredKey], counts: Sequence[Census]
     versions = [k for k in stored if k.name == key and k.state is not KeyState.PENDING]
     kind = versions[0].kind if versions else "data"
     headers = [f"v{k.version} ({k.state.value})" for k in versions]
+    formats = [f"{fmt} rows" for fmt in FORMATS]  # a format migration ends when kf1 is 0
     table = new_table(
-        f"{kind} key {key!r}: rows per version", "column", *headers, "NULL", "other", "total"
+        f"{kind} key {key!r}: rows per version",
+        "column",
+        *headers,
+        *formats,
+        "NULL",
+        "other",
+        "total",
     )
     for c in counts:
         per_version = [c.by_version.get(k.version, 0) for k in versions]
-        numbers = [f"{n:,}" for n in (*per_version, c.nulls, c.other, c.total)]
+        per_format = [c.in_format(fmt) for fmt in FORMATS]
+        numbers = [f"{n:,}" for n in (*per_version, *per_format, c.nulls, c.other, c.total)]
         add_row(table, c.column, *numbers)
     return table
 
@@ -182,3 +190,56 @@ class JobProgress:
             f"{self.label}: {done:,}/{total:,} rows ({percent:.0f}%), {rate:,.0f} rows/s, "
             f"about {left} left"
         )
+
+
+class ScanDisplay:
+    """Progress of a database-wide scan: a rich bar on a terminal, else a plain line every
+    ``every_seconds``; at the end, always, how much was scanned and how long it took."""
+
+    def __init__(self, app: App, label: str, *, every_seconds: float = 5.0) -> None:
+        self.app = app
+        self.label = label
+        self.every_seconds = every_seconds
+        self._last = time.monotonic()
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def __enter__(self) -> ScanDisplay:
+        console = self.app.console
+        if console.is_terminal and not console.is_dumb_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("tables  {task.fields[table]}"),
+                console=console,
+                transient=True,
+            )
+            self._task = self._bar.add_task(self.label, total=None, table="")
+            self._bar.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def __call__(self, step: Any) -> None:
+        """The scan's progress callback (a ``scan.ScanProgress``), after each table."""
+        done, total = step.tables_done, step.tables_total
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=done, total=total, table=step.table)
+        elif done < total and time.monotonic() - self._last >= self.every_seconds:
+            self._last = time.monotonic()
+            self.app.say(f"{self.label}: {done:,}/{total:,} tables ({step.table})")
+        if done == total:
+            self.app.say(
+                f"{self.label}: scanned {total:,} tables ({step.columns_done:,} columns that can "
+                f"hold a value) in {step.schemas} in {step.seconds:.1f} s"
+            )

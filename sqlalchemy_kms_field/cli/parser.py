@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ..lifecycle import DESTROY_GRACE_PERIOD
+from ..scan import ALL_SCHEMAS
 from .app import App
 from .bootstrap import cmd_config, cmd_init_local, cmd_setup
 from .config import CONFIG_FILE, ENV, MASTER_KEY_SYNTAX, PROG
@@ -243,16 +245,18 @@ def _add_keys_commands(add: Callable[..., argparse.ArgumentParser], keys_command
         keys_commands,
         "retire",
         cmd_keys_retire,
-        "stop a version from decrypting (an index key: from matching), once a census proves no "
-        "known column uses it",
+        "stop a version from decrypting (an index key: from matching), once a census of every "
+        "column proves nothing uses it and every process has moved to a newer version",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("--version", type=_positive_int, required=True, metavar="N")
+    _add_scan_options(p)
     p = add(
         keys_commands,
         "destroy",
         cmd_keys_destroy,
-        "erase a retired version's wrapped key for good (crypto-shredding)",
+        "erase a retired version's wrapped key for good (crypto-shredding), after its grace "
+        "period and a new census of every column",
     )
     p.add_argument("name", metavar="NAME")
     p.add_argument("--version", type=_positive_int, required=True, metavar="N")
@@ -261,6 +265,20 @@ def _add_keys_commands(add: Callable[..., argparse.ArgumentParser], keys_command
         action="store_true",
         help="confirm: values under this version become unreadable forever",
     )
+    p.add_argument(
+        "--grace-period",
+        type=_duration,
+        default=DESTROY_GRACE_PERIOD,
+        metavar="TIME",
+        help="how long the version must have been retired, on the database's clock: seconds, "
+        "or a number with s, m, h or d (default 3d)",
+    )
+    p.add_argument(
+        "--skip-grace-period",
+        action="store_true",
+        help="DANGER: destroy even if the grace period has not ended",
+    )
+    _add_scan_options(p)
     p = add(
         keys_commands,
         "shred",
@@ -287,6 +305,34 @@ def _add_keys_commands(add: Callable[..., argparse.ArgumentParser], keys_command
         action="store_true",
         help="confirm: everything the old key wrapped, in every backup, becomes unreadable",
     )
+
+
+def _add_scan_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--schema",
+        metavar="S",
+        action="append",
+        help="also scan every table of schema S (repeatable); the default schema always is",
+    )
+    p.add_argument(
+        "--all-schemas",
+        dest="schema",
+        action="append_const",
+        const=ALL_SCHEMAS,
+        help="scan every schema the database user can see (but the system ones)",
+    )
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError("use seconds, or a number with s, m, h or d") from None
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return seconds
 
 
 def _add_job_options(p: argparse.ArgumentParser) -> None:

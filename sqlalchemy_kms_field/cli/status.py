@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import lifecycle, reencrypt
-from ..census import Census, ColumnRef
+from ..census import FORMATS, Census, ColumnRef
 from ..exc import KmsFieldError
 from ..key_store import StoredKey
 from .app import App
@@ -116,6 +116,7 @@ def _status_json(
                 "key": c.column.key,
                 "kind": kinds.get(c.column.key),
                 "by_version": {str(v): n for v, n in sorted(c.by_version.items())},
+                "by_format": {fmt: c.in_format(fmt) for fmt in FORMATS},
                 "nulls": c.nulls,
                 "other": c.other,
                 "total": c.total,

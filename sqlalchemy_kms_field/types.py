@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -251,6 +252,14 @@ class _EncryptedType(TypeDecorator[T]):
     def _deserialize(self, data: bytes) -> T:
         raise NotImplementedError
 
+    def _serializer(self) -> Callable[[Any], bytes]:
+        """``_serialize`` for the bind processor; a type may return a faster equivalent."""
+        return self._serialize
+
+    def _deserializer(self) -> Callable[[bytes], Any]:
+        """``_deserialize`` for the result processor; a type may return a faster equivalent."""
+        return self._deserialize
+
     def _from_plaintext(self, value: Any) -> T:
         """A header-less stored value read in plaintext-migration mode."""
         return value  # type: ignore[no-any-return]
@@ -321,17 +330,24 @@ class _EncryptedType(TypeDecorator[T]):
         general = super().bind_processor(dialect)
         if general is None or self.bind_to or self._impl_processes(dialect, "bind"):
             return general
-        serialize, name, binary, pad = self._serialize, self.key, self._binary, self.pad
+        serialize, name, binary, pad = self._serializer(), self.key, self._binary, self.pad
         context_bytes = self.context_bytes
+        # The active key is asked for every value (it changes on rotation); the encrypter
+        # built for it, with this column's associated data, is kept until it does.
+        current: DataKey | None = None
+        encrypt: Callable[[bytes], Any] = bytes
 
         def process(value: Any) -> Any:
+            nonlocal current, encrypt
             if value is None:
                 return None
             data = serialize(value)
             key = get_registry().active_key(name)
-            if binary:
-                return key.encrypt_binary(data, context_bytes(), pad)
-            return key.encrypt_text(data, context_bytes(), pad)
+            if key is not current:
+                ctx = context_bytes()
+                encrypt = key.binary_encrypter(ctx, pad) if binary else key.text_encrypter(ctx, pad)
+                current = key
+            return encrypt(data)
 
         return process
 
@@ -341,19 +357,27 @@ class _EncryptedType(TypeDecorator[T]):
             return general
         if self._impl_processes(dialect, "result", coltype):
             return general
-        deserialize, name, context_bytes = self._deserialize, self.key, self.context_bytes
+        deserialize, name, context_bytes = self._deserializer(), self.key, self.context_bytes
+        current: DataKey | None = None
+        decrypt: Callable[[str], bytes] = str.encode
 
         def process(value: Any) -> Any:
-            # The common case inline: a kf2 text value under this column's key, already
+            # The common case inline: a text value under this column's key, already
             # unwrapped. Anything else (and any failure) takes the general path.
-            if value.__class__ is str and (
-                key := get_registry().key_for_header(value.rpartition(":")[0])
-            ):
-                if key.name == name:
-                    try:
-                        return deserialize(key.decrypt_text(value, context_bytes()))
-                    except Exception:  # noqa: S110 - the general path raises it, plaintext-free
-                        pass
+            nonlocal current, decrypt
+            if value.__class__ is str:
+                head = value.rpartition(":")[0]
+                if head[:4] == "kf1:":  # a legacy value: the registry files versions under kf2
+                    head = "kf2" + head[3:]
+                key = get_registry().key_for_header(head)
+                if key is not None:
+                    if key is not current and key.name == name:
+                        decrypt, current = key.text_decrypter(context_bytes()), key
+                    if key is current:
+                        try:
+                            return deserialize(decrypt(value))
+                        except Exception:  # noqa: S110 - the general path raises, plaintext-free
+                            pass
             return general(value)
 
         return process
@@ -508,6 +532,24 @@ class EncryptedString(_EncryptedType[str]):
 
     def _deserialize(self, data: bytes) -> str:
         return data.decode("utf-8")
+
+    def _serializer(self) -> Callable[[Any], bytes]:
+        limit = sys.maxsize if self.length is None else self.length
+        general = self._serialize
+
+        def serialize(value: Any) -> bytes:
+            # The common case inline; whatever _serialize would refuse goes there to be refused.
+            if value.__class__ is str and len(value) <= limit and value[:2] != "kf":
+                try:
+                    return value.encode("utf-8")
+                except UnicodeEncodeError:  # its text quotes the value: not raised from here
+                    pass
+            return general(value)
+
+        return serialize
+
+    def _deserializer(self) -> Callable[[bytes], Any]:
+        return bytes.decode  # UTF-8, strict: _deserialize without its method call
 
     def __repr__(self) -> str:
         return self._args_repr("" if self.length is None else str(self.length))

@@ -395,7 +395,10 @@ class DataKey:
             try:
                 if value.startswith(head):
                     body = b64decode(value[start:])
-                    data = unpad(decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad))
+                    padded = decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad)
+                    if padded[-1:] == b"\x80":  # the marker alone (see unpad)
+                        return padded[:-1]
+                    data = unpad(padded)
                     if data is not None:
                         return data
                 elif value.startswith(legacy):

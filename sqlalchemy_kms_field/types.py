@@ -252,9 +252,10 @@ class _EncryptedType(TypeDecorator[T]):
     def _deserialize(self, data: bytes) -> T:
         raise NotImplementedError
 
-    def _serializer(self) -> Callable[[Any], bytes]:
-        """``_serialize`` for the bind processor; a type may return a faster equivalent."""
-        return self._serialize
+    def _str_limit(self) -> int:
+        """Characters a str value may have to be UTF-8 encoded as it is (-1: never, use
+        ``_serialize``); lets the bind processor serialize the common case inline."""
+        return -1
 
     def _deserializer(self) -> Callable[[bytes], Any]:
         """``_deserialize`` for the result processor; a type may return a faster equivalent."""
@@ -330,8 +331,8 @@ class _EncryptedType(TypeDecorator[T]):
         general = super().bind_processor(dialect)
         if general is None or self.bind_to or self._impl_processes(dialect, "bind"):
             return general
-        serialize, name, binary, pad = self._serializer(), self.key, self._binary, self.pad
-        context_bytes = self.context_bytes
+        serialize, name, binary, pad = self._serialize, self.key, self._binary, self.pad
+        context_bytes, limit = self.context_bytes, self._str_limit()
         # The active key is asked for every value (it changes on rotation); the encrypter
         # built for it, with this column's associated data, is kept until it does.
         current: DataKey | None = None
@@ -341,7 +342,15 @@ class _EncryptedType(TypeDecorator[T]):
             nonlocal current, encrypt
             if value is None:
                 return None
-            data = serialize(value)
+            # A str that _serialize would take as it is, inline; anything else goes there (to
+            # be refused, if it must be: a ciphertext, too long, not Unicode, not a str).
+            try:
+                if value.__class__ is str and len(value) <= limit and value[:2] != "kf":
+                    data = value.encode("utf-8")
+                else:
+                    data = serialize(value)
+            except UnicodeEncodeError:  # its text quotes the value: refused by _serialize
+                data = serialize(value)
             key = get_registry().active_key(name)
             if key is not current:
                 ctx = context_bytes()
@@ -533,20 +542,8 @@ class EncryptedString(_EncryptedType[str]):
     def _deserialize(self, data: bytes) -> str:
         return data.decode("utf-8")
 
-    def _serializer(self) -> Callable[[Any], bytes]:
-        limit = sys.maxsize if self.length is None else self.length
-        general = self._serialize
-
-        def serialize(value: Any) -> bytes:
-            # The common case inline; whatever _serialize would refuse goes there to be refused.
-            if value.__class__ is str and len(value) <= limit and value[:2] != "kf":
-                try:
-                    return value.encode("utf-8")
-                except UnicodeEncodeError:  # its text quotes the value: not raised from here
-                    pass
-            return general(value)
-
-        return serialize
+    def _str_limit(self) -> int:
+        return sys.maxsize if self.length is None else self.length
 
     def _deserializer(self) -> Callable[[bytes], Any]:
         return bytes.decode  # UTF-8, strict: _deserialize without its method call

@@ -543,9 +543,13 @@ class EncryptedString(_EncryptedType[str]):
         return data.decode("utf-8")
 
     def _str_limit(self) -> int:
+        if type(self)._serialize is not EncryptedString._serialize:
+            return -1  # a subclass serializes in its own way
         return sys.maxsize if self.length is None else self.length
 
     def _deserializer(self) -> Callable[[bytes], Any]:
+        if type(self)._deserialize is not EncryptedString._deserialize:
+            return self._deserialize
         return bytes.decode  # UTF-8, strict: _deserialize without its method call
 
     def __repr__(self) -> str:

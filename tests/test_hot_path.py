@@ -410,3 +410,28 @@ def test_an_authenticated_value_that_is_not_utf8_fails_naming_no_plaintext(
         read_one(engine, 2, "email")
     assert raised.value is not None
     assert all("secret" not in t for t in error_texts(raised.value))
+
+
+class LowerCaseEmail(kf.EncryptedString):
+    """A subclass with its own codec: the inline str path must not go around it."""
+
+    cache_ok = True
+
+    def _serialize(self, value: Any) -> bytes:
+        return super()._serialize(value.lower())
+
+    def _deserialize(self, data: bytes) -> str:
+        return "<" + super()._deserialize(data) + ">"
+
+
+def test_a_subclass_codec_is_not_bypassed(engine: sa.Engine, registry: kf.KeyRegistry) -> None:
+    table = sa.Table(
+        "hot_lower",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+        sa.Column("email", LowerCaseEmail(320, key="pii")),
+    )
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(table.insert(), [{"id": 1, "email": "Alice@Example.COM"}])
+        assert conn.execute(sa.select(table.c.email)).scalar_one() == "<alice@example.com>"

@@ -367,21 +367,29 @@ class _EncryptedType(TypeDecorator[T]):
         if self._impl_processes(dialect, "result", coltype):
             return general
         deserialize, name, context_bytes = self._deserializer(), self.key, self.context_bytes
+        # The decrypter of the key version last read, and that version's headers (kf2, kf1):
+        # a value starting with one is looked up under the same header string, no split.
         current: DataKey | None = None
         decrypt: Callable[[str], bytes] = str.encode
+        prefixes: tuple[str, ...] = ()
+        lookup = ""
 
         def process(value: Any) -> Any:
             # The common case inline: a text value under this column's key, already
             # unwrapped. Anything else (and any failure) takes the general path.
-            nonlocal current, decrypt
+            nonlocal current, decrypt, prefixes, lookup
             if value.__class__ is str:
-                head = value.rpartition(":")[0]
-                if head[:4] == "kf1:":  # a legacy value: the registry files versions under kf2
-                    head = "kf2" + head[3:]
-                key = get_registry().key_for_header(head)
+                if value.startswith(prefixes):
+                    key = get_registry().key_for_header(lookup)
+                else:
+                    head = value.rpartition(":")[0]
+                    if head[:4] == "kf1:":  # legacy: the registry files versions under kf2
+                        head = "kf2" + head[3:]
+                    key = get_registry().key_for_header(head)
                 if key is not None:
                     if key is not current and key.name == name:
                         decrypt, current = key.text_decrypter(context_bytes()), key
+                        prefixes, lookup = (key.header, key.legacy_header), key.header[:-1]
                     if key is current:
                         try:
                             return deserialize(decrypt(value))

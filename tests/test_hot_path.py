@@ -435,3 +435,18 @@ def test_a_subclass_codec_is_not_bypassed(engine: sa.Engine, registry: kf.KeyReg
     with engine.begin() as conn:
         conn.execute(table.insert(), [{"id": 1, "email": "Alice@Example.COM"}])
         assert conn.execute(sa.select(table.c.email)).scalar_one() == "<alice@example.com>"
+
+
+def test_reads_follow_the_registry_after_it_forgets_its_keys(
+    engine: sa.Engine, registry: kf.KeyRegistry
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(people.insert(), rows(3))
+    assert read_one(engine, 1, "email") == "user1@example.com"
+    before = registry.data_key("pii", 1)
+    registry.forget()  # the processors' kept decrypter belongs to a key the registry dropped
+    assert read_one(engine, 2, "email") == "user2@example.com"
+    assert registry.data_key("pii", 1) is not before  # unwrapped again, and used
+    with engine.begin() as conn:
+        conn.execute(people.insert(), rows(1, start=4))
+    assert [r["email"] for r in read_all(engine)] == [f"user{i}@example.com" for i in range(1, 5)]

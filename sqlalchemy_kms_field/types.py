@@ -334,7 +334,9 @@ class _EncryptedType(TypeDecorator[T]):
         serialize, name, binary, pad = self._serialize, self.key, self._binary, self.pad
         context_bytes, limit = self.context_bytes, self._str_limit()
         # The active key is asked for every value (it changes on rotation); the encrypter
-        # built for it, with this column's associated data, is kept until it does.
+        # built for it, with this column's associated data, is kept until it does. Threads
+        # may interleave the two updates: an encrypter holds its own key and header, so the
+        # worst is a value written under the version another thread was just given.
         current: DataKey | None = None
         encrypt: Callable[[bytes], Any] = bytes
 
@@ -369,6 +371,8 @@ class _EncryptedType(TypeDecorator[T]):
         deserialize, name, context_bytes = self._deserializer(), self.key, self.context_bytes
         # The decrypter of the key version last read, and that version's headers (kf2, kf1):
         # a value starting with one is looked up under the same header string, no split.
+        # Threads may interleave these updates: a decrypter checks the value's header
+        # itself, so a mismatched pair only sends the value to the general path.
         current: DataKey | None = None
         decrypt: Callable[[str], bytes] = str.encode
         prefixes: tuple[str, ...] = ()

@@ -36,7 +36,7 @@ import binascii
 import hmac
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from cryptography.exceptions import InvalidTag
@@ -206,12 +206,15 @@ def context_name(context: str | tuple[str, str]) -> tuple[str, str]:
 
 def pad(data: bytes, size: int) -> bytes:
     """``data || 0x80 || 0x00*k``, a multiple of ``size`` bytes long (``size`` <= 1: no zeros)."""
-    zeros = padded_size(len(data), size) - len(data) - 1
-    return data + b"\x80" + bytes(zeros)
+    if size <= 1:
+        return data + b"\x80"
+    return data + b"\x80" + bytes(padded_size(len(data), size) - len(data) - 1)
 
 
 def unpad(data: bytes) -> bytes | None:
     """The data before the padding, or None if the padding is malformed."""
+    if data[-1:] == b"\x80":  # no zeros after the marker (pad=0, or a length that fit)
+        return data[:-1]
     end = len(data.rstrip(b"\x00")) - 1
     if end < 0 or data[end] != PAD_MARKER:
         return None
@@ -221,9 +224,10 @@ def unpad(data: bytes) -> bytes | None:
 # base64url ---------------------------------------------------------------------------------
 
 # binascii directly: the base64 module's wrappers cost more than the conversion itself.
-_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+# To the standard alphabet for a strict a2b_base64; '+', '/' and '=' in the input become a
+# character strict mode refuses, so that only the url-safe alphabet decodes.
+_TO_STANDARD = bytes.maketrans(b"-_+/=", b"+/!!!")
 _TO_URLSAFE = bytes.maketrans(b"+/", b"-_")
-_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _PADDING = (b"", None, b"==", b"=")  # by len % 4; a length of 4k+1 is never base64
 # Canonical encodings leave the unused low bits of the last character zero: with 2 (3)
 # characters in the last group, 4 (2) bits are unused, so it must be one of these.
@@ -249,11 +253,14 @@ def b64decode(body: str) -> bytes:
     except UnicodeEncodeError:
         raise ValueError("not base64url") from None
     rest = len(data) % 4
-    if rest == 1 or data.translate(None, _ALPHABET):  # something left is foreign
+    if rest == 1:
         raise ValueError("not base64url")
     if rest and data[-1] not in _LAST_CHAR[rest]:
         raise ValueError("not canonical base64url")
-    return binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[rest])  # type: ignore[operator]
+    try:  # strict mode refuses any character outside the alphabet (white space included)
+        return binascii.a2b_base64(data.translate(_TO_STANDARD) + _PADDING[rest], strict_mode=True)  # type: ignore[operator]
+    except binascii.Error:
+        raise ValueError("not base64url") from None
 
 
 class DataKey:
@@ -325,7 +332,83 @@ class DataKey:
             out.append(head_bytes + body if binary else head + _b64url(body).decode("ascii"))
         return out
 
+    def text_encrypter(self, context: bytes, pad_to: int = 0) -> Callable[[bytes], str]:
+        """``encrypt_text`` with ``context`` and ``pad_to`` fixed, for a column's hot path.
+
+        The associated data (header || context) and the padding are worked out once here,
+        not once per value: a column keeps one encrypter per key version.
+        """
+        head, aad, encrypt, urandom = (
+            self.header,
+            self.header_bytes + context,
+            self._aead.encrypt,
+            os.urandom,
+        )
+        b2a, urlsafe = binascii.b2a_base64, _TO_URLSAFE
+        if pad_to > 1:
+
+            def encrypt_padded(plaintext: bytes) -> str:
+                nonce = urandom(NONCE_SIZE)
+                body = nonce + encrypt(nonce, pad(plaintext, pad_to), aad)
+                return head + b2a(body, newline=False).translate(urlsafe).rstrip(b"=").decode(
+                    "ascii"
+                )
+
+            return encrypt_padded
+
+        def encrypt_text(plaintext: bytes) -> str:
+            nonce = urandom(NONCE_SIZE)
+            body = nonce + encrypt(nonce, plaintext + b"\x80", aad)  # pad 0: the marker alone
+            return head + b2a(body, newline=False).translate(urlsafe).rstrip(b"=").decode("ascii")
+
+        return encrypt_text
+
+    def binary_encrypter(self, context: bytes, pad_to: int = 0) -> Callable[[bytes], bytes]:
+        """``encrypt_binary`` with ``context`` and ``pad_to`` fixed (see ``text_encrypter``)."""
+        head, aad, encrypt, urandom = (
+            self.header_bytes,
+            self.header_bytes + context,
+            self._aead.encrypt,
+            os.urandom,
+        )
+
+        def encrypt_binary(plaintext: bytes) -> bytes:
+            nonce = urandom(NONCE_SIZE)
+            return head + nonce + encrypt(nonce, pad(plaintext, pad_to), aad)
+
+        return encrypt_binary
+
     # Decryption ---------------------------------------------------------------------------
+
+    def text_decrypter(self, context: bytes) -> Callable[[str], bytes]:
+        """``decrypt_text`` with ``context`` fixed, for a column's hot path (kf2 and kf1).
+
+        Only success is inlined: any value it cannot open goes to ``decrypt_text``, which
+        raises the error naming what is wrong, so both always agree.
+        """
+        head, legacy = self.header, self.legacy_header
+        start = len(head)  # kf1 and kf2 headers are as long
+        aad, legacy_aad = self.header_bytes + context, legacy.encode("ascii")
+        decrypt, general = self._aead.decrypt, self.decrypt_text
+
+        def decrypt_text(value: str) -> bytes:
+            try:
+                if value.startswith(head):
+                    body = b64decode(value[start:])
+                    padded = decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], aad)
+                    if padded[-1:] == b"\x80":  # the marker alone (see unpad)
+                        return padded[:-1]
+                    data = unpad(padded)
+                    if data is not None:
+                        return data
+                elif value.startswith(legacy):
+                    body = b64decode(value[start:])
+                    return decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], legacy_aad)
+            except (ValueError, InvalidTag):  # a short nonce is a ValueError
+                pass
+            return general(value, context)
+
+        return decrypt_text
 
     def open(self, body: bytes, context: bytes | None) -> bytes:
         """Decrypt a body; ``context`` None means a kf1 body (header-only AAD, no padding)."""

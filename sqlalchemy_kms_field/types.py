@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import sys
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -285,6 +286,15 @@ class _EncryptedType(TypeDecorator[T]):
     def _deserialize(self, data: bytes) -> T:
         raise NotImplementedError
 
+    def _str_limit(self) -> int:
+        """Characters a str value may have to be UTF-8 encoded as it is (-1: never, use
+        ``_serialize``); lets the bind processor serialize the common case inline."""
+        return -1
+
+    def _deserializer(self) -> Callable[[bytes], Any]:
+        """``_deserialize`` for the result processor; a type may return a faster equivalent."""
+        return self._deserialize
+
     def _from_plaintext(self, value: Any) -> T:
         """A header-less stored value read in plaintext-migration mode."""
         return value  # type: ignore[no-any-return]
@@ -356,16 +366,33 @@ class _EncryptedType(TypeDecorator[T]):
         if general is None or self.bind_to or self._impl_processes(dialect, "bind"):
             return general
         serialize, name, binary, pad = self._serialize, self.key, self._binary, self.pad
-        context_bytes = self.context_bytes
+        context_bytes, limit = self.context_bytes, self._str_limit()
+        # The active key is asked for every value (it changes on rotation); the encrypter
+        # built for it, with this column's associated data, is kept until it does. Threads
+        # may interleave the two updates: an encrypter holds its own key and header, so the
+        # worst is a value written under the version another thread was just given.
+        current: DataKey | None = None
+        encrypt: Callable[[bytes], Any] = bytes
 
         def process(value: Any) -> Any:
+            nonlocal current, encrypt
             if value is None:
                 return None
-            data = serialize(value)
+            # A str that _serialize would take as it is, inline; anything else goes there (to
+            # be refused, if it must be: a ciphertext, too long, not Unicode, not a str).
+            try:
+                if value.__class__ is str and len(value) <= limit and value[:2] != "kf":
+                    data = value.encode("utf-8")
+                else:
+                    data = serialize(value)
+            except UnicodeEncodeError:  # its text quotes the value: refused by _serialize
+                data = serialize(value)
             key = get_registry().active_key(name)
-            if binary:
-                return key.encrypt_binary(data, context_bytes(), pad)
-            return key.encrypt_text(data, context_bytes(), pad)
+            if key is not current:
+                ctx = context_bytes()
+                encrypt = key.binary_encrypter(ctx, pad) if binary else key.text_encrypter(ctx, pad)
+                current = key
+            return encrypt(data)
 
         return process
 
@@ -375,19 +402,37 @@ class _EncryptedType(TypeDecorator[T]):
             return general
         if self._impl_processes(dialect, "result", coltype):
             return general
-        deserialize, name, context_bytes = self._deserialize, self.key, self.context_bytes
+        deserialize, name, context_bytes = self._deserializer(), self.key, self.context_bytes
+        # The decrypter of the key version last read, and that version's headers (kf2, kf1):
+        # a value starting with one is looked up under the same header string, no split.
+        # Threads may interleave these updates: a decrypter checks the value's header
+        # itself, so a mismatched pair only sends the value to the general path.
+        current: DataKey | None = None
+        decrypt: Callable[[str], bytes] = str.encode
+        prefixes: tuple[str, ...] = ()
+        lookup = ""
 
         def process(value: Any) -> Any:
-            # The common case inline: a kf2 text value under this column's key, already
+            # The common case inline: a text value under this column's key, already
             # unwrapped. Anything else (and any failure) takes the general path.
-            if value.__class__ is str and (
-                key := get_registry().key_for_header(value.rpartition(":")[0])
-            ):
-                if key.name == name:
-                    try:
-                        return deserialize(key.decrypt_text(value, context_bytes()))
-                    except Exception:  # noqa: S110 - the general path raises it, plaintext-free
-                        pass
+            nonlocal current, decrypt, prefixes, lookup
+            if value.__class__ is str:
+                if value.startswith(prefixes):
+                    key = get_registry().key_for_header(lookup)
+                else:
+                    head = value.rpartition(":")[0]
+                    if head[:4] == "kf1:":  # legacy: the registry files versions under kf2
+                        head = "kf2" + head[3:]
+                    key = get_registry().key_for_header(head)
+                if key is not None:
+                    if key is not current and key.name == name:
+                        decrypt, current = key.text_decrypter(context_bytes()), key
+                        prefixes, lookup = (key.header, key.legacy_header), key.header[:-1]
+                    if key is current:
+                        try:
+                            return deserialize(decrypt(value))
+                        except Exception:  # noqa: S110 - the general path raises, plaintext-free
+                            pass
             return general(value)
 
         return process
@@ -542,6 +587,16 @@ class EncryptedString(_EncryptedType[str]):
 
     def _deserialize(self, data: bytes) -> str:
         return data.decode("utf-8")
+
+    def _str_limit(self) -> int:
+        if type(self)._serialize is not EncryptedString._serialize:
+            return -1  # a subclass serializes in its own way
+        return sys.maxsize if self.length is None else self.length
+
+    def _deserializer(self) -> Callable[[bytes], Any]:
+        if type(self)._deserialize is not EncryptedString._deserialize:
+            return self._deserialize
+        return bytes.decode  # UTF-8, strict: _deserialize without its method call
 
     def __repr__(self) -> str:
         return self._args_repr("" if self.length is None else str(self.length))

@@ -347,6 +347,7 @@ class _Reindex:
         self.target = target
         self.registry = registry
         self.fields = index.context_fields(table)
+        self._source_contexts = _source_contexts(index, table)
 
     def pending(self, col: sa.Column[Any], source: sa.Column[Any]) -> sa.ColumnElement[bool]:
         return sa.and_(
@@ -360,11 +361,35 @@ class _Reindex:
             source_value = bytes(source_value)
         found = envelope.parse_header(source_value)
         if found is None:
-            raise KmsFieldError("the source value is not ciphertext (no 'kf1:' header)")
+            raise KmsFieldError("the source value is not ciphertext (no 'kf1:' or 'kf2:' header)")
         key = self.registry.data_key(*found)
-        plaintext = key.decrypt_binary(source_value) if binary else key.decrypt_text(source_value)
+        context = self._source_contexts[binary]
+        if binary:
+            plaintext = key.decrypt_binary(source_value, context)
+        else:
+            plaintext = key.decrypt_text(source_value, context)
         value: Any = plaintext if binary else plaintext.decode("utf-8")
         return self.target.compute(self.index._data(value), self.index._nbytes, self.fields)
+
+
+def _source_contexts(index: BlindIndex, table: str) -> dict[bool, bytes]:
+    """The context of the index's encrypted source values (text, binary): the source column's
+    own type where the model declares it, else (table, source, str | bytes)."""
+    from .types import _EncryptedType
+
+    for column in index._columns:
+        typ = getattr(column.table.c.get(index.source), "type", None)
+        if isinstance(typ, _EncryptedType):
+            if typ.bind_to:
+                raise ConfigurationError(
+                    f"reindex of {index.source!r}: its values are bound to "
+                    f"{', '.join(typ.bind_to)} of their row, which reindex does not read yet"
+                )
+            return {typ._binary: typ.context_bytes(), not typ._binary: typ.context_bytes()}
+    return {
+        False: envelope.encode_context(table, index.source, "str"),
+        True: envelope.encode_context(table, index.source, "bytes"),
+    }
 
 
 def run_job(

@@ -144,7 +144,7 @@ def test_a_data_key_rotation_leaves_index_values_byte_identical(
     result = reencrypt_column(engine, "bidx_users", "email", key="pii", batch_size=4)
     assert result.finished and result.rows_written == sum(e is not None for e in rows.values())
     after_emails = raw_values(engine, "bidx_users", "email")
-    assert all(v is None or v.startswith("kf1:pii:2:") for v in after_emails)
+    assert all(v is None or v.startswith("kf2:pii:2:") for v in after_emails)
     assert after_emails != before_emails
     assert raw_indexes(engine) == before
     assert count_prefix(engine, V1) == result.rows_written

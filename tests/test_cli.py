@@ -286,7 +286,7 @@ def test_rotate_reencrypt_retire_destroy(
         "dry run: 30 rows of cli_users.email would be re-encrypted to data key 'pii' version 2"
         in dry
     )
-    assert raw_values(engine, "cli_users", "email")[0].startswith("kf1:pii:1:")
+    assert raw_values(engine, "cli_users", "email")[0].startswith("kf2:pii:1:")
 
     # No --key: the models say cli_users.email is under 'pii'. Not a terminal: plain lines.
     done = cli("reencrypt", "cli_users.email", "--batch-size", "3").stdout
@@ -299,7 +299,7 @@ def test_rotate_reencrypt_retire_destroy(
     assert (row["v1 (readable)"], row["v2 (active)"], row["NULL"]) == ("0", "30", "1")
     assert "no unfinished jobs" in status
     assert all(
-        v is None or v.startswith("kf1:pii:2:") for v in raw_values(engine, "cli_users", "email")
+        v is None or v.startswith("kf2:pii:2:") for v in raw_values(engine, "cli_users", "email")
     )
     assert read_emails(engine, users) == originals
 
@@ -344,7 +344,7 @@ def test_unfinished_job_blocks_rotation_and_undecryptable_rows_are_reported(
         conn.execute(models.users.insert(), rows)
         # A value with our header that does not authenticate, written around the column type.
         raw = sa.table("cli_users", sa.column("id"), sa.column("email"))
-        conn.execute(raw.insert().values(id=11, email="kf1:pii:1:" + "A" * 60))
+        conn.execute(raw.insert().values(id=11, email="kf2:pii:1:" + "A" * 60))
     cli("keys", "rotate", "pii")
 
     failed = cli("reencrypt", "cli_users.email", "--batch-size", "4", code=1).stderr
@@ -403,7 +403,7 @@ def test_encrypt_column_and_back(
     assert "encrypt cli_legacy.note: finished" in done and "rows written: 12" in done
 
     stored = raw_values(engine, "cli_legacy", "note")
-    assert all(v.startswith("kf1:pii:1:") for v in stored[:-1]) and stored[-1] is None
+    assert all(v.startswith("kf2:pii:1:") for v in stored[:-1]) and stored[-1] is None
     encrypted = sa.Table(
         "cli_legacy",
         sa.MetaData(),
@@ -572,7 +572,7 @@ def test_encrypt_column_with_its_index_and_reindex_from_flags(
     done = cli(*encrypt, *index, "--batch-size", "5").stdout
     assert f"blind index email_index computed under index key '{INDEX_KEY}' version 1" in done
     assert "encrypt cli_contacts.email: finished" in done and "rows written: 12" in done
-    assert count_prefix(engine, "cli_contacts", "email", "kf1:pii:1:") == 12
+    assert count_prefix(engine, "cli_contacts", "email", "kf2:pii:1:") == 12
     assert count_prefix(engine, "cli_contacts", "email_index", f"kf2:{INDEX_KEY}:1:") == 12
 
     encrypted = sa.Table(
@@ -599,7 +599,7 @@ def test_encrypt_column_with_its_index_and_reindex_from_flags(
     # A row whose source cannot be decrypted stops the reindex half way: an unfinished job.
     with engine.begin() as conn:
         raw = sa.table("cli_contacts", sa.column("id"), sa.column("email"))
-        conn.execute(raw.insert().values(id=100, email="kf1:pii:1:" + "A" * 60))
+        conn.execute(raw.insert().values(id=100, email="kf2:pii:1:" + "A" * 60))
     cli("keys", "rotate", INDEX_KEY)
     flags = ["--source", "email", "--key", INDEX_KEY, "--normalizer", "email"]
     reindex = ["reindex", "cli_contacts.email_index", *flags]

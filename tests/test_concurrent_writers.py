@@ -79,9 +79,14 @@ def setup_users(engine: sa.Engine, key_file: Path, rows: int, active_ttl: float)
 
 def stored_versions(engine: sa.Engine) -> dict[int, int]:
     """Rows per data key version, by the header prefix alone (SQL, nothing decrypted)."""
-    version = sa.func.substr(USERS.c.email, 9, 1)  # kf1:pii:<version>: with one-digit versions
+    email = sa.column("email", sa.String)  # untyped: the SQL sees the stored text
+    version = sa.func.substr(email, 9, 1)  # kf2:pii:<version>: with one-digit versions
     with engine.connect() as conn:
-        rows = conn.execute(sa.select(version, sa.func.count()).group_by(version)).all()
+        rows = conn.execute(
+            sa.select(version, sa.func.count())
+            .select_from(sa.table("users", email))
+            .group_by(version)
+        ).all()
     return {int(v): int(n) for v, n in rows}
 
 
@@ -137,7 +142,10 @@ def test_row_changed_between_read_and_write_is_not_overwritten(
             for row_id, value in stale.items():
                 other.execute(
                     sa.text("UPDATE users SET email = :v WHERE id = :id"),
-                    {"v": old.encrypt_text(value.encode()), "id": row_id},
+                    {
+                        "v": old.encrypt_text(value.encode(), USERS.c.email.type.context_bytes()),
+                        "id": row_id,
+                    },
                 )
         with Session(app) as session, session.begin():
             for row_id, value in fresh.items():

@@ -200,8 +200,7 @@ def test_a_short_outage_is_ridden_out_within_stale_ttl_then_fails_closed(
             try:
                 insert(engine, people, row_id)
                 outcomes.append((started, True))
-            except sa.exc.StatementError as exc:
-                assert isinstance(exc.orig, kf.KeyStateError), exc
+            except kf.KeyStateError:  # raised as itself: no StatementError lists the values
                 outcomes.append((started, False))
             time.sleep(0.03)
     assert "going on with the versions known" in caplog.text

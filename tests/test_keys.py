@@ -454,4 +454,4 @@ def test_cache_keys_show_no_key_and_differ_by_key_name(
     with engine.begin() as conn:
         conn.execute(statements[0], {"id": 1, "v": "x"})
         conn.execute(statements[1], {"id": 2, "v": "y"})
-    assert [v[:8] for v in raw_values(engine, "same", "v")] == ["kf1:a:1:", "kf1:b:1:"]
+    assert [v[:8] for v in raw_values(engine, "same", "v")] == ["kf2:a:1:", "kf2:b:1:"]

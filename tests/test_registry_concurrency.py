@@ -112,7 +112,7 @@ def test_fresh_process_unwraps_each_version_once_under_eight_threads(
                 "GROUP BY substr(email, 1, 10) ORDER BY head"
             )
         ).all()
-    assert [tuple(r) for r in per_version] == [("kf1:pii:1:", 5000), ("kf1:pii:2:", 5000)]
+    assert [tuple(r) for r in per_version] == [("kf2:pii:1:", 5000), ("kf2:pii:2:", 5000)]
     engine.dispose()  # the subprocess gets the file to itself
 
     kms.reset_counts()

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 import sqlalchemy_kms_field as kf
-from sqlalchemy_kms_field import lifecycle
+from sqlalchemy_kms_field import envelope, lifecycle
 from sqlalchemy_kms_field.census import ColumnRef, header_prefixes
 from sqlalchemy_kms_field.reencrypt import reencrypt_column
 from sqlalchemy_kms_field.scan import ScanProgress
@@ -145,9 +145,9 @@ def test_retire_and_destroy_refused_while_an_undeclared_column_holds_the_version
     # restore from an old backup, a support tool's copy): destroy runs the census again.
     with engine.begin() as conn:
         old = conn.execute(sa.text("SELECT ship_to FROM orders WHERE id = 0")).scalar_one()
-        planted = registry.data_key("pii", 2).encrypt_text(b"x").replace("pii:2:", "pii:1:")
+        planted = registry.data_key("pii", 2).encrypt_text(b"x", b"").replace("pii:2:", "pii:1:")
         conn.execute(sa.text("UPDATE orders SET note = :v WHERE id = 9"), {"v": planted})
-    assert old.startswith("kf1:pii:2:")
+    assert old.startswith("kf2:pii:2:")
     move_back(engine, "retired_at", 1, 3 * 86400)
     with pytest.raises(kf.KeyStateError, match=r"orders\.note: 1 rows, undeclared") as refused:
         lifecycle.destroy_data_key("pii", 1, confirm=True, metadata=MODELS)
@@ -172,16 +172,16 @@ def test_both_formats_kf1_and_kf2_count_as_on_the_version(
     reencrypt_column(engine, "orders", "ship_to", key="pii")
     reencrypt_column(engine, "orders", "label", key="pii")
     wait_out_active_ttl(engine, 2)
-    kf2_text, kf2_bytes = "kf2:pii:1:" + "A" * 40, b"kf2:pii:1:" + bytes(40)
-    with engine.begin() as conn:  # values of the new format, in a known and in an unknown column
-        conn.execute(sa.text("UPDATE orders SET note = :v WHERE id = 9"), {"v": kf2_text})
-        conn.execute(sa.text("UPDATE orders SET label = :v WHERE id = 0"), {"v": kf2_bytes})
-        conn.execute(sa.text("INSERT INTO users (id, email) VALUES (3, :v)"), {"v": kf2_text})
-        conn.execute(sa.text("INSERT INTO users (id, email) VALUES (4, :v)"), {"v": "kf2:pii:2:x"})
+    kf1_text, kf1_bytes = "kf1:pii:1:" + "A" * 40, b"kf1:pii:1:" + bytes(40)
+    with engine.begin() as conn:  # values of the legacy format, in a known and an unknown column
+        conn.execute(sa.text("UPDATE orders SET note = :v WHERE id = 9"), {"v": kf1_text})
+        conn.execute(sa.text("UPDATE orders SET label = :v WHERE id = 0"), {"v": kf1_bytes})
+        conn.execute(sa.text("INSERT INTO users (id, email) VALUES (3, :v)"), {"v": kf1_text})
+        conn.execute(sa.text("INSERT INTO users (id, email) VALUES (4, :v)"), {"v": "kf1:pii:2:x"})
 
     [email] = lifecycle.column_census([ColumnRef("users", "email", "pii")])
     assert email.by_version == {1: 1, 2: 3}
-    assert email.by_format == {"kf1": {1: 0, 2: 2}, "kf2": {1: 1, 2: 1}}
+    assert email.by_format == {"kf1": {1: 1, 2: 1}, "kf2": {1: 0, 2: 2}}
     assert (email.in_format("kf1"), email.in_format("kf2"), email.other) == (2, 2, 0)
 
     with pytest.raises(kf.KeyStateError) as refused:  # the known columns first: a cheap refusal
@@ -365,7 +365,11 @@ def test_the_scan_covers_every_schema_named(
             conn.exec_driver_sql(f"CREATE TABLE {where} (id INT PRIMARY KEY, addr TEXT)")
             conn.execute(
                 sa.text(f"INSERT INTO {where} VALUES (1, :v), (2, :v)"),
-                {"v": old.encrypt_text(b"an address")},
+                {
+                    "v": old.encrypt_text(
+                        b"an address", envelope.encode_context(table, "addr", "str")
+                    )
+                },
             )
 
     steps: list[ScanProgress] = []

@@ -22,9 +22,11 @@ import pytest
 import sqlalchemy as sa
 
 import sqlalchemy_kms_field as kf
-from sqlalchemy_kms_field import lifecycle
+from sqlalchemy_kms_field import envelope, lifecycle
 from tests.helpers import configure_local, raw_values, reset_global_registry
 from tests.kms_server import KmsServer
+
+PEOPLE_EMAIL = envelope.encode_context("people", "email", "str")
 
 CLI = [sys.executable, "-m", "sqlalchemy_kms_field.cli"]
 BACKUP = "kms_field_keys_backup"
@@ -109,7 +111,9 @@ def test_destroy_alone_does_not_reach_a_backup_and_shred_does(
     backup, backup_value = destroyed_v1
     # destroy blanked the live row, yet the backup decrypts the backup value.
     assert (
-        backup_reader(backup, old_alias, kms).data_key("pii", 1).decrypt_text(backup_value)
+        backup_reader(backup, old_alias, kms)
+        .data_key("pii", 1)
+        .decrypt_text(backup_value, PEOPLE_EMAIL)
         == b"user1@example.com"
     )
 

@@ -149,27 +149,6 @@ def _normalizer(spec: NormalizerSpec) -> tuple[Normalizer, str]:
     return normalize, "builtin:" + ",".join(names)
 
 
-def _context_name(context: str | tuple[str, str]) -> tuple[str, str]:
-    """``"users.email"`` or ``("users", "email")`` as ``(table, column)``, checked (the same
-    rule as the encrypted column types' ``context=``)."""
-    if isinstance(context, str):
-        table, dot, column = context.partition(".")
-        if not dot or "." in column:
-            raise ConfigurationError(
-                f"context={context!r}: write it as 'table.column' (one dot), or pass a "
-                "(table, column) tuple for names that contain dots"
-            )
-    elif isinstance(context, tuple) and len(context) == 2:
-        table, column = context
-    else:
-        raise ConfigurationError(
-            f"context must be 'table.column' or (table, column), got {context!r}"
-        )
-    if not (isinstance(table, str) and isinstance(column, str) and table and column):
-        raise ConfigurationError(f"context={context!r}: table and column must be non-empty")
-    return table, column
-
-
 def table_name(column: Any) -> str | None:
     """The name of the one Table that ``column`` (a Table's, an alias's) belongs to."""
     names = {
@@ -208,7 +187,7 @@ class BlindIndex(TypeDecorator[str]):
     ) -> None:
         if not isinstance(bits, int) or bits % 8 or not 16 <= bits <= 256:
             raise ConfigurationError(f"bits must be a multiple of 8 from 16 to 256, got {bits}")
-        self._place = None if context is None else _context_name(context)
+        self._place = None if context is None else envelope.context_name(context)
         self.source = source
         self.key = envelope.check_key_name(key)
         self.normalizer: NormalizerSpec = (

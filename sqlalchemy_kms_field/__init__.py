@@ -2,6 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .audit import AuditEvent, set_audit_hook
 from .blind_index import BlindIndex, find
 from .envelope import DataKey, IndexKey
 from .exc import (
@@ -17,6 +18,7 @@ from .exc import (
 )
 from .key_store import KeyState, SqlKeyStore, StoredKey
 from .master_keys import AwsKmsMasterKey, LocalMasterKey, MasterKey
+from .metrics import disable_metrics, enable_metrics
 from .reencrypt import decrypt_column, encrypt_column, reencrypt_column, reindex_column
 from .registry import (
     KeyRegistry,
@@ -41,6 +43,7 @@ for _cls in (BlindIndex, Encrypted, EncryptedBytes, EncryptedJSON, EncryptedStri
 del _cls
 
 __all__ = [
+    "AuditEvent",
     "AwsKmsMasterKey",
     "BlindIndex",
     "ConfigurationError",
@@ -70,6 +73,8 @@ __all__ = [
     "create_data_key",
     "create_index_key",
     "decrypt_column",
+    "disable_metrics",
+    "enable_metrics",
     "encrypt_column",
     "find",
     "get_registry",
@@ -78,4 +83,5 @@ __all__ = [
     "reindex_column",
     "rotate_data_key",
     "rotate_index_key",
+    "set_audit_hook",
 ]

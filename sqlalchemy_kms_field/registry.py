@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import sqlalchemy as sa
 
-from . import envelope
+from . import envelope, metrics
 from .envelope import DataKey, IndexKey
 from .exc import ConfigurationError, KeyNotFoundError, KeyStateError, MasterKeyError
 from .key_store import KeyState, SqlKeyStore, StoredKey
@@ -480,6 +480,8 @@ class KeyRegistry:
             )
         context = self.context(stored.name, stored.version, stored.kind)
         master = self._master_for(stored)
+        if metrics.ON:
+            metrics.cache_miss(stored.kind)
         try:
             return master.unwrap(stored.wrapped_key, context, stored.master_key_id)
         except MasterKeyError as exc:

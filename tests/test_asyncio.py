@@ -312,3 +312,49 @@ def test_a_rotation_by_another_process_is_picked_up_without_a_stall(
     assert figures["longest_stall_in_refresh"] < 0.05
     stored = raw_values(engine, "async_people", "email")
     assert len(stored) == figures["rows"] and all(v.startswith("kf2:pii:2:") for v in stored)
+
+
+README = os.path.join(ROOT, "README.md")
+
+
+@pytest.mark.databases("sqlite", "postgresql")
+def test_the_readme_example_runs(aurl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = open(README, encoding="utf-8").read()
+    block = text.split("<!-- asyncio-example -->", 1)[1].split("```python\n", 1)[1]
+    source = block.split("\n```", 1)[0]
+    monkeypatch.setenv("KMS_FIELD_LOCAL_MASTER_KEY", MASTER_KEY_B64)
+
+    class Base(sa.orm.DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: sa.orm.Mapped[int] = sa.orm.mapped_column(primary_key=True)
+        email: sa.orm.Mapped[str] = sa.orm.mapped_column(kf.EncryptedString(320, key="pii"))
+        email_index: sa.orm.Mapped[str | None] = sa.orm.mapped_column(
+            kf.BlindIndex("email", key="email-index", normalizer="email"), unique=True
+        )
+
+    namespace: dict[str, Any] = {"Base": Base, "User": User}
+    exec(compile(source, README, "exec"), namespace)  # noqa: S102 - our own README
+    assert run_in_thread(lambda: namespace["main"](aurl)) == "Ann@Example.com"
+
+
+@pytest.mark.databases("sqlite")
+def test_find_through_run_sync(aurl: str) -> None:
+    """kf.find takes a sync session: AsyncSession.run_sync hands it one (as the README says)."""
+
+    async def scenario() -> list[int]:
+        aengine = create_async_engine(aurl)
+        try:
+            await setup(aengine, active_ttl=60)
+            await kfa.preload()
+            await request(aengine, 7)
+            async with AsyncSession(aengine) as session:
+                found = await session.run_sync(kf.find, Person.email, "USER7@example.org")
+            return [p.id for p in found]
+        finally:
+            await kfa.close()
+            await aengine.dispose()
+
+    assert run_in_thread(scenario) == [7]

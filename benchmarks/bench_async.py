@@ -1,0 +1,304 @@
+"""An asyncio ORM workload on asyncpg: ``EncryptedString`` against ``String``, with metrics off,
+on (through the OpenTelemetry SDK) and with OpenTelemetry absent; and the event loop's longest
+stall while the key states are refreshed and a rotation is picked up.
+
+Run it from the project root with PostgreSQL on 127.0.0.1:5432 (``pip install -e '.[dev]'``)::
+
+    python benchmarks/bench_async.py                 # 100,000 rows, best of 3
+    python benchmarks/bench_async.py --rows 20000    # quicker, noisier
+    python benchmarks/bench_async.py --json
+
+It creates a database of its own on the server (dropped at the end). For each mode, in one
+process, it times (``time.perf_counter``, best of ``--repeat`` rounds, the plain and encrypted
+tables interleaved):
+
+* ORM insert: ``session.add_all(objects)`` then ``await session.commit()`` (objects built
+  beforehand, untimed; explicit ids);
+* ORM select: ``(await session.scalars(select(Model))).all()`` in a fresh ``AsyncSession``.
+
+Modes: ``off`` (metrics never enabled), ``on`` (``enable_metrics`` with the SDK's
+``MeterProvider`` and an ``InMemoryMetricReader``, collected after each operation), and
+``absent`` (a child process where ``import opentelemetry`` fails). Printed: seconds per
+operation, the encrypted/plain ratio (target: within 1.2x), and the encrypted time with metrics
+on against off (target: under 5% more); ``absent`` against ``off`` shows the extra's absence
+costs nothing.
+
+The stall: a task sleeps 1 ms in a loop and records how late it wakes, while 8 tasks serve
+requests (insert, read back) and the background refresh runs every ``active_ttl / 2``
+(``active_ttl`` = 0.2 s); meanwhile another thread rotates the key 5 times through a sync
+engine. Printed: the longest lateness during a background refresh, and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import NullPool
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import sqlalchemy_kms_field as kf  # noqa: E402
+import sqlalchemy_kms_field.asyncio as kfa  # noqa: E402
+
+SERVER = os.environ.get(
+    "KMS_FIELD_TEST_POSTGRESQL_URL", "postgresql+psycopg://postgres@127.0.0.1/test"
+)
+MASTER = kf.LocalMasterKey(bytes(range(32)))
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Plain(Base):
+    __tablename__ = "bench_plain"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(sa.String(320))
+
+
+class Secret(Base):
+    __tablename__ = "bench_secret"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    email: Mapped[str] = mapped_column(kf.EncryptedString(320, key="pii"))
+
+
+def say(*args: Any) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def create_database() -> tuple[str, str]:
+    name = f"kf_bench_async_{os.getpid()}_{secrets.token_hex(3)}"
+    engine = sa.create_engine(SERVER, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine.dispose()
+    sync = sa.make_url(SERVER).set(database=name)
+    return (
+        sync.render_as_string(hide_password=False),
+        sync.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False),
+    )
+
+
+def drop_database(sync_url: str) -> None:
+    name = sa.make_url(sync_url).database
+    engine = sa.create_engine(SERVER, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    engine.dispose()
+
+
+async def prepare(aengine: AsyncEngine, active_ttl: float = 60.0) -> None:
+    store = kf.SqlKeyStore(aengine)
+    await kfa.run_sync(store.create_table)
+    async with aengine.begin() as conn:
+        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(Base.metadata.create_all)
+    kf.configure(master_key=MASTER, key_store=store, active_ttl=active_ttl)
+    await kfa.create_data_key("pii", exist_ok=True)
+    await kfa.preload()
+
+
+async def time_workload(
+    aengine: AsyncEngine, rows: int, repeat: int, collect: Any
+) -> dict[str, float]:
+    emails = [f"user{i}.{secrets.token_hex(4)}@example.org" for i in range(rows)]
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        for model in (Plain, Secret):
+            async with aengine.begin() as conn:
+                await conn.execute(sa.delete(model))
+            objects = [model(id=i, email=e) for i, e in enumerate(emails)]
+            gc.collect()
+            async with AsyncSession(aengine) as session:
+                started = time.perf_counter()
+                session.add_all(objects)
+                await session.commit()
+                took = time.perf_counter() - started
+            collect()
+            key = f"{model.__name__.lower()}_insert"
+            best[key] = min(best.get(key, took), took)
+            del objects
+            gc.collect()
+            async with AsyncSession(aengine) as session:
+                started = time.perf_counter()
+                got = (await session.scalars(sa.select(model))).all()
+                took = time.perf_counter() - started
+            collect()
+            assert len(got) == rows
+            key = f"{model.__name__.lower()}_select"
+            best[key] = min(best.get(key, took), took)
+            del got
+    return best
+
+
+async def workload(async_url: str, rows: int, repeat: int, mode: str) -> dict[str, float]:
+    collect: Any = lambda: None  # noqa: E731
+    if mode == "on":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+        reader = InMemoryMetricReader()
+        kf.enable_metrics(MeterProvider(metric_readers=[reader]))
+        collect = reader.get_metrics_data
+    aengine = create_async_engine(async_url)
+    try:
+        await prepare(aengine)
+        return await time_workload(aengine, rows, repeat, collect)
+    finally:
+        await kfa.close()
+        await aengine.dispose()
+        if mode == "on":
+            kf.disable_metrics()
+
+
+async def stall(sync_url: str, async_url: str, seconds: float) -> dict[str, float]:
+    aengine = create_async_engine(async_url, pool_size=10)
+    await prepare(aengine, active_ttl=0.2)
+    registry = kf.get_registry()
+    assert isinstance(registry, kfa.AsyncKeyRegistry)
+    windows: list[tuple[float, float]] = []
+    refresh = registry.refresh_async
+
+    async def timed() -> None:
+        started = time.monotonic()
+        try:
+            await refresh()
+        finally:
+            windows.append((started, time.monotonic() + 0.001))
+
+    registry.refresh_async = timed  # type: ignore[method-assign]
+    lateness: list[tuple[float, float]] = []
+    stop = asyncio.Event()
+
+    async def probe() -> None:
+        while not stop.is_set():
+            before = time.monotonic()
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            lateness.append((now, now - before - 0.001))
+
+    counter = iter(range(10**7))
+
+    async def client() -> None:
+        while not stop.is_set():
+            i = next(counter)
+            async with AsyncSession(aengine) as session:
+                session.add(Secret(id=10**6 + i, email=f"u{i}@example.org"))
+                await session.commit()
+                assert (await session.get(Secret, 10**6 + i)) is not None
+            await asyncio.sleep(0.002)
+
+    def rotate() -> None:
+        engine = sa.create_engine(sync_url)
+        rotator = kf.KeyRegistry(MASTER, kf.SqlKeyStore(engine))
+        for _ in range(5):
+            time.sleep(seconds / 6)
+            rotator.rotate_data_key("pii")
+        engine.dispose()
+
+    loads_before = registry.loop_loads
+    tasks = [asyncio.create_task(probe())] + [asyncio.create_task(client()) for _ in range(8)]
+    rotator = threading.Thread(target=rotate)
+    rotator.start()
+    await asyncio.sleep(seconds)
+    stop.set()
+    await asyncio.gather(*tasks)
+    rotator.join()
+    active = registry.active_key("pii").version
+    await kfa.close()
+    await aengine.dispose()
+
+    def longest(a: float, b: float) -> float:
+        return max((s for t, s in lateness if a <= t <= b), default=0.0)
+
+    late = sorted(s for _, s in lateness)
+    return {
+        "refreshes": len(windows),
+        "rotations_picked_up": active - 1,
+        "loop_loads": registry.loop_loads - loads_before,
+        "longest_stall_in_refresh_ms": 1000 * max(longest(a, b) for a, b in windows),
+        "longest_stall_ms": 1000 * late[-1],
+        "p99_stall_ms": 1000 * late[int(len(late) * 0.99)],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--stall-seconds", type=float, default=6.0)
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # async URL: run mode 'absent' here
+    args = parser.parse_args(argv)
+
+    if args.child:
+        sys.modules["opentelemetry"] = None  # type: ignore[assignment]
+        print(json.dumps(asyncio.run(workload(args.child, args.rows, args.repeat, "absent"))))
+        return 0
+
+    sync_url, async_url = create_database()
+    results: dict[str, Any] = {"rows": args.rows}
+    try:
+        for mode in ("off", "on", "absent"):
+            say(f"mode {mode}: {args.rows:,} rows, best of {args.repeat}")
+            if mode == "absent":
+                child = subprocess.run(
+                    [sys.executable, __file__, "--child", async_url, "--rows", str(args.rows),
+                     "--repeat", str(args.repeat)],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                results[mode] = json.loads(child.stdout)
+            else:
+                results[mode] = asyncio.run(workload(async_url, args.rows, args.repeat, mode))
+        say("loop stall during key refreshes")
+        results["stall"] = asyncio.run(stall(sync_url, async_url, args.stall_seconds))
+    finally:
+        drop_database(sync_url)
+
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(f"async ORM on asyncpg, {args.rows:,} rows, best of {args.repeat} (seconds)")
+    print(f"{'mode':<8}{'op':<8}{'String':>9}{'Encrypted':>11}{'ratio':>8}")
+    for mode in ("off", "on", "absent"):
+        r = results[mode]
+        for op in ("insert", "select"):
+            plain, enc = r[f"plain_{op}"], r[f"secret_{op}"]
+            print(f"{mode:<8}{op:<8}{plain:>9.3f}{enc:>11.3f}{enc / plain:>7.2f}x")
+    print("encrypted, metrics on vs off / absent vs off (relative to each run's String):")
+    for op in ("insert", "select"):
+        rel = {
+            m: results[m][f"secret_{op}"] / results[m][f"plain_{op}"]
+            for m in results
+            if m in ("off", "on", "absent")
+        }
+        on, absent = rel["on"] / rel["off"] - 1, rel["absent"] / rel["off"] - 1
+        print(f"  {op}: on {on:+.1%}, absent {absent:+.1%}")
+    s = results["stall"]
+    print(
+        f"loop stall: {s['longest_stall_in_refresh_ms']:.2f} ms longest during {s['refreshes']} "
+        f"key refreshes ({s['rotations_picked_up']} rotations picked up, {s['loop_loads']} key "
+        f"loads in processors); overall longest {s['longest_stall_ms']:.2f} ms, "
+        f"p99 {s['p99_stall_ms']:.2f} ms"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -238,6 +238,63 @@ async def stall(sync_url: str, async_url: str, seconds: float) -> dict[str, floa
     }
 
 
+def processor_costs(rows: int, repeat: int) -> dict[str, float]:
+    """Microseconds per value of the column's bind and result processors alone (no database,
+    no SQLAlchemy around them), metrics off and on: what metrics add per value, free of the
+    database's noise."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+    from sqlalchemy.pool import StaticPool
+
+    engine = sa.create_engine("sqlite://", poolclass=StaticPool)
+    store = kf.SqlKeyStore(engine)
+    store.create_table()
+    kf.configure(master_key=MASTER, key_store=store)
+    kf.create_data_key("pii")
+    dialect = asyncpg_dialect()
+    typ = Secret.__table__.c.email.type
+    bind, result = typ.bind_processor(dialect), typ.result_processor(dialect, None)
+    values = [f"user{i}.{secrets.token_hex(4)}@example.org" for i in range(rows)]
+    stored = [bind(v) for v in values]
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        for mode in ("off", "on"):
+            if mode == "on":
+                kf.enable_metrics(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+            for op, fn, data in (("bind", bind, values), ("result", result, stored)):
+                gc.collect()
+                started = time.perf_counter()
+                for v in data:
+                    fn(v)
+                took = 1e6 * (time.perf_counter() - started) / rows
+                best[f"{op}_{mode}"] = min(best.get(f"{op}_{mode}", took), took)
+            kf.disable_metrics()
+    engine.dispose()
+    return best
+
+
+def hook_costs() -> dict[str, float]:
+    """Nanoseconds per value of what the metrics add to a processor, timed alone (timeit,
+    best of 5): the flag test every value pays (metrics off, or OpenTelemetry absent) and the
+    count a value pays with metrics on."""
+    import timeit
+
+    from sqlalchemy_kms_field import metrics
+
+    key = kf.DataKey("pii", 1, bytes(32))
+    n, names = 1_000_000, {"m": metrics, "k": key}
+
+    def best(statement: str) -> float:
+        return 1e9 * min(timeit.repeat(statement, globals=names, number=n, repeat=5)) / n
+
+    return {
+        "flag_ns": best("m.ON"),
+        "encrypt_count_ns": best("m.encrypted(k)"),
+        "decrypt_count_ns": best("m.decrypted(k, None)"),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--rows", type=int, default=100_000)
@@ -266,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[mode] = json.loads(child.stdout)
             else:
                 results[mode] = asyncio.run(workload(async_url, args.rows, args.repeat, mode))
+        say("processors alone, metrics off and on")
+        results["processors"] = processor_costs(args.rows, args.repeat + 2)
+        results["hooks"] = hook_costs()
         say("loop stall during key refreshes")
         results["stall"] = asyncio.run(stall(sync_url, async_url, args.stall_seconds))
     finally:
@@ -290,6 +350,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         on, absent = rel["on"] / rel["off"] - 1, rel["absent"] / rel["off"] - 1
         print(f"  {op}: on {on:+.1%}, absent {absent:+.1%}")
+    p = results["processors"]
+    for op in ("bind", "result"):
+        print(
+            f"  processor alone, {op}: {p[f'{op}_off']:.3f} us/value off, {p[f'{op}_on']:.3f} on "
+            f"({p[f'{op}_on'] - p[f'{op}_off']:+.3f} us)"
+        )
+    h = results["hooks"]
+    print(
+        f"  per value: flag test {h['flag_ns']:.0f} ns (off or absent); with metrics on, "
+        f"{h['encrypt_count_ns']:.0f} ns per encryption, {h['decrypt_count_ns']:.0f} ns per "
+        "decryption"
+    )
     s = results["stall"]
     print(
         f"loop stall: {s['longest_stall_in_refresh_ms']:.2f} ms longest during {s['refreshes']} "

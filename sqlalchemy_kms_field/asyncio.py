@@ -145,6 +145,7 @@ class AsyncKeyRegistry(KeyRegistry):
         self.loop_loads = 0  # keys and states loaded inside a processor on the loop (not steady)
         self._kept: set[str] | None = set()  # names the background refresh keeps; None: all
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
 
     # Hooks of KeyRegistry: what may run where -------------------------------------------------
 
@@ -191,7 +192,10 @@ class AsyncKeyRegistry(KeyRegistry):
             self._kept.update(names)
         await self.refresh_async()
         if refresh and (self._task is None or self._task.done()):
-            self._task = asyncio.create_task(self._refresh_forever(), name="kms-field-refresh")
+            self._stop = asyncio.Event()
+            self._task = asyncio.create_task(
+                self._refresh_forever(self._stop), name="kms-field-refresh"
+            )
         return [k for k in list(self._keys.values()) if self._wanted(k.name)]
 
     async def refresh_async(self) -> None:
@@ -251,13 +255,15 @@ class AsyncKeyRegistry(KeyRegistry):
     def _wanted(self, name: str) -> bool:
         return self._kept is None or name in self._kept
 
-    async def _refresh_forever(self) -> None:
+    async def _refresh_forever(self, stop: asyncio.Event) -> None:
         while True:
-            await asyncio.sleep(self.refresh_period)
+            try:
+                await asyncio.wait_for(stop.wait(), self.refresh_period)
+                return  # close(): never cancelled in the middle of a query
+            except TimeoutError:
+                pass
             try:
                 await self.refresh_async()
-            except asyncio.CancelledError:
-                raise
             except Exception as exc:
                 log.warning(
                     "background refresh of the key states failed (%s); retrying in %.3g s",
@@ -269,11 +275,8 @@ class AsyncKeyRegistry(KeyRegistry):
         """Stop the background refresh (e.g. at shutdown, before disposing of the engine)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            self._stop.set()
+            await task
 
 
 # Module-level conveniences, like the sync ones, for the configured registry ----------------

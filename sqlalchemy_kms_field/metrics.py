@@ -177,6 +177,21 @@ def job_figures(job: str) -> tuple[int, float, float | None] | None:
     return _jobs.get(job)
 
 
+def job_rate(
+    rows_done: int, started_at: Any, updated_at: Any, remaining: int | None
+) -> tuple[float | None, float | None]:
+    """``(rows/s, seconds left)`` of a checkpointed job from its row in ``kms_field_jobs``
+    (as ``kms-field status`` shows them); None where unknown."""
+    try:
+        elapsed = (updated_at - started_at).total_seconds()
+    except (TypeError, AttributeError):
+        return None, None
+    if elapsed <= 0 or rows_done <= 0:
+        return None, None
+    rate = rows_done / elapsed
+    return rate, (None if remaining is None else remaining / rate)
+
+
 # Observers (run by the SDK at collection time) ---------------------------------------------
 
 

@@ -209,9 +209,19 @@ def test_a_load_that_would_block_the_loop_says_how_to_avoid_it(aurl: str) -> Non
         run_in_thread(scenario)
 
 
-def test_configure_refuses_a_sync_store_for_the_async_registry(engine: sa.Engine) -> None:
+def test_which_registry_a_store_gets(engine: sa.Engine, aurl: str) -> None:
+    """An async engine, or its sync facade, gets the AsyncKeyRegistry; a sync engine cannot."""
     with pytest.raises(kf.ConfigurationError, match="async engine"):
         kfa.AsyncKeyRegistry(local_master_key(), kf.SqlKeyStore(engine))
+    assert not isinstance(
+        kf.configure(master_key=local_master_key(), key_store=kf.SqlKeyStore(engine)),
+        kfa.AsyncKeyRegistry,
+    )
+    aengine = create_async_engine(aurl)
+    for store in (kf.SqlKeyStore(aengine), kf.SqlKeyStore(aengine.sync_engine)):
+        assert store.is_async and store.engine is aengine.sync_engine
+        registry = kf.configure(master_key=local_master_key(), key_store=store)
+        assert isinstance(registry, kfa.AsyncKeyRegistry)
 
 
 @pytest.mark.databases("postgresql")

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 from sqlalchemy.util.concurrency import await_only, greenlet_spawn, in_greenlet
 
 from .envelope import DataKey, IndexKey, header
-from .exc import ConfigurationError
+from .exc import ConfigurationError, KeyStateError
 from .key_store import KeyState, SqlKeyStore, StoredKey
 from .master_keys import MasterKey
 from .registry import USABLE, KeyRegistry, get_registry
@@ -143,6 +143,8 @@ class AsyncKeyRegistry(KeyRegistry):
         )
         self.refresh_period = max(active_ttl / 2, MIN_REFRESH_PERIOD)
         self.loop_loads = 0  # keys and states loaded inside a processor on the loop (not steady)
+        self.refreshes_started = 0  # refreshes a processor started in a task of their own
+        self._soon: asyncio.Task[None] | None = None
         self._kept: set[str] | None = set()  # names the background refresh keeps; None: all
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -154,14 +156,30 @@ class AsyncKeyRegistry(KeyRegistry):
 
     def _refresh(self, *, force: bool = False) -> None:
         if _on_loop():
+            # On the loop, expired states are re-read by a task of their own while this one
+            # goes on with those known, within stale_ttl of the last read (as the sync registry
+            # does when the store cannot be read): a processor then needs no second connection
+            # while its own holds one (many tasks doing so could exhaust the pool).
+            age = time.monotonic() - self._confirmed_at
+            if not force and age < self.stale_ttl:
+                self._refresh_soon()
+                return
             if not in_greenlet():
-                # The background refresh re-reads the states; within stale_ttl of the last
-                # confirmation the ones known are used (as when the store cannot be read).
-                if not force and time.monotonic() < self._confirmed_at + self.stale_ttl:
-                    return
+                if not force and self._task is not None and not self._task.done():
+                    raise KeyStateError(
+                        f"the key states were last read {age:.3g} s ago, longer than stale_ttl "
+                        f"({self.stale_ttl:g} s): the background refresh is failing (see the "
+                        "warnings it logs); refusing to use key versions whose state is unknown"
+                    )
                 raise _would_block("reading the key states")
             self.loop_loads += 1
         super()._refresh(force=force)
+
+    def _refresh_soon(self) -> None:
+        """Start a refresh in a task of its own, unless one is under way."""
+        if self._soon is None or self._soon.done():
+            self._soon = asyncio.get_running_loop().create_task(self._refresh_logged())
+            self.refreshes_started += 1
 
     def _fetch(self, name: str, version: int) -> StoredKey:
         if _on_loop():
@@ -262,14 +280,17 @@ class AsyncKeyRegistry(KeyRegistry):
                 return  # close(): never cancelled in the middle of a query
             except TimeoutError:
                 pass
-            try:
-                await self.refresh_async()
-            except Exception as exc:
-                log.warning(
-                    "background refresh of the key states failed (%s); retrying in %.3g s",
-                    type(exc).__name__,
-                    self.refresh_period,
-                )
+            await self._refresh_logged()
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh_async()
+        except Exception as exc:
+            log.warning(
+                "refreshing the key states failed (%s); retrying in %.3g s",
+                type(exc).__name__,
+                self.refresh_period,
+            )
 
     async def close(self) -> None:
         """Stop the background refresh (e.g. at shutdown, before disposing of the engine)."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -105,12 +105,11 @@ class SqlKeyStore:
         table_name: str = "kms_field_keys",
         schema: str | None = None,
     ) -> None:
-        # An async engine (asyncpg, aiosqlite, aiomysql): the store keeps its sync facade, whose
+        # An async engine (asyncpg, aiosqlite, asyncmy): the store keeps its sync facade, whose
         # calls only work inside SQLAlchemy's greenlet bridge; sqlalchemy_kms_field.asyncio
         # makes every call there (see its module docstring).
-        sync_engine = getattr(engine, "sync_engine", None)
-        self.engine: Engine = sync_engine if isinstance(sync_engine, Engine) else engine  # type: ignore[assignment]
-        self.is_async: bool = self.engine.dialect.is_async
+        self.engine: Engine = cast(Engine, getattr(engine, "sync_engine", engine))
+        self.is_async: bool = self.engine.dialect.is_async  # also for async_engine.sync_engine
         self.metadata = sa.MetaData(schema=schema)
         self.table = key_table(self.metadata, table_name)
         self._has_dates: bool | None = None  # activated_at/retired_at exist; None: not checked

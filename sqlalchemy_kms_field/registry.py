@@ -553,7 +553,7 @@ def configure(
     """
     global _registry
     cls = KeyRegistry
-    if key_store.is_async:  # an asyncio application: keys load without blocking the loop
+    if getattr(key_store, "is_async", False):  # asyncio: keys load without blocking the loop
         from .asyncio import AsyncKeyRegistry
 
         cls = AsyncKeyRegistry

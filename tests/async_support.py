@@ -40,6 +40,15 @@ class Person(Base):
     )
 
 
+class Memo(Base):
+    """An encrypted column without a blind index (whose ORM writes hash outside a greenlet)."""
+
+    __tablename__ = "async_memos"
+
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    text: Mapped[str | None] = mapped_column(kf.EncryptedString(320, key="pii"))
+
+
 PEOPLE: sa.Table = Person.__table__  # type: ignore[assignment]
 
 

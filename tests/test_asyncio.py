@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 import sqlalchemy_kms_field as kf
 import sqlalchemy_kms_field.asyncio as kfa
 from sqlalchemy_kms_field import registry as kf_registry
-from tests.async_support import PEOPLE, Base, Person, StallProbe, async_url
+from tests.async_support import PEOPLE, Base, Memo, Person, StallProbe, async_url
 from tests.helpers import MASTER_KEY_B64, local_master_key, raw_values, reset_global_registry
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,13 +125,16 @@ def test_the_plain_registry_on_an_async_engine_fails_or_deadlocks(aurl: str) -> 
 
     async def scenario() -> None:
         aengine = create_async_engine(aurl)
-        await setup(aengine, active_ttl=0.3)
-        registry = kf.get_registry()
-        plain = kf.KeyRegistry(registry.master_key, registry.key_store, active_ttl=0.3)
-        kf_registry._registry = plain
-        await asyncio.gather(*(request(aengine, i) for i in range(20)))
-        await asyncio.sleep(0.5)  # past active_ttl: every task wants to re-read the states
-        await asyncio.gather(*(request(aengine, i) for i in range(20, 60)))
+        try:
+            await setup(aengine, active_ttl=0.3)
+            registry = kf.get_registry()
+            plain = kf.KeyRegistry(registry.master_key, registry.key_store, active_ttl=0.3)
+            kf_registry._registry = plain
+            await asyncio.gather(*(request(aengine, i) for i in range(20)))
+            await asyncio.sleep(0.5)  # past active_ttl: every task wants to re-read the states
+            await asyncio.gather(*(request(aengine, i) for i in range(20, 60)))
+        finally:
+            await aengine.dispose()
 
     try:
         outcome = run_in_thread(scenario, timeout=15)
@@ -140,27 +143,46 @@ def test_the_plain_registry_on_an_async_engine_fails_or_deadlocks(aurl: str) -> 
     assert outcome in ("deadlocked", "MissingGreenlet")
 
 
-def test_many_tasks_refreshing_at_once_do_not_deadlock(aurl: str) -> None:
-    """Without the background refresh, tasks that find the states expired re-read them in
-    place: they await one another instead of blocking the loop."""
+@pytest.mark.parametrize("stale_ttl", [0.9, 0.3], ids=["within-stale-ttl", "past-stale-ttl"])
+def test_many_tasks_finding_the_states_expired_do_not_deadlock(aurl: str, stale_ttl: float) -> None:
+    """Without the background refresh, tasks find the states expired. Within stale_ttl the
+    first one starts a refresh in a task of its own and all go on; past it each re-reads them
+    in place, and they await one another instead of blocking the loop. (No blind-index lookup
+    here: its hashes are computed outside a session call, where nothing can re-read the
+    states; see the next tests.
+    12 tasks: past stale_ttl each holds a connection while it needs another for the key
+    store, so more tasks than the pool's 15 connections would wait for the pool's timeout.)"""
 
-    async def scenario() -> int:
+    async def one(aengine: AsyncEngine, i: int) -> None:
+        async with AsyncSession(aengine) as session:
+            session.add(Memo(id=i, text=f"memo {i}"))
+            await session.commit()
+            session.expunge_all()
+            found = await session.get(Memo, i)
+            assert found is not None and found.text == f"memo {i}"
+
+    async def scenario() -> tuple[int, int]:
         aengine = create_async_engine(aurl)
         try:
-            registry = await setup(aengine, active_ttl=0.3)
+            registry = await setup(aengine, active_ttl=0.3, stale_ttl=stale_ttl)
             assert isinstance(registry, kfa.AsyncKeyRegistry)
             await kfa.preload(refresh=False)
-            before = registry.loop_loads
-            await asyncio.gather(*(request(aengine, i) for i in range(20)))
+            loads, started = registry.loop_loads, registry.refreshes_started
+            await asyncio.gather(*(one(aengine, i) for i in range(12)))
             await asyncio.sleep(0.5)
-            await asyncio.gather(*(request(aengine, i) for i in range(20, 60)))
-            return registry.loop_loads - before
+            await asyncio.gather(*(one(aengine, i) for i in range(12, 24)))
+            await asyncio.sleep(0.1)  # a refresh started by a processor finishes
+            return registry.loop_loads - loads, registry.refreshes_started - started
         finally:
             await aengine.dispose()
 
-    loads = run_in_thread(scenario, timeout=60)
-    assert loads != "deadlocked"
-    assert loads >= 1  # the expired states were read again inside a processor, awaited
+    outcome = run_in_thread(scenario, timeout=60)
+    assert outcome != "deadlocked"
+    loads, started = outcome
+    if stale_ttl > 0.5:
+        assert started >= 1 and loads == 0  # re-read by a task of its own
+    else:
+        assert loads >= 1  # re-read in place, awaited
 
 
 @pytest.mark.databases("sqlite", "postgresql")

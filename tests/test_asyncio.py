@@ -390,3 +390,42 @@ def test_find_through_run_sync(aurl: str) -> None:
             await aengine.dispose()
 
     assert run_in_thread(scenario) == [7]
+
+
+@pytest.mark.databases("sqlite")
+def test_a_failing_background_refresh_fails_closed_after_stale_ttl(
+    aurl: str, engine: sa.Engine
+) -> None:
+    """The key store becomes unreadable: within stale_ttl requests go on with the states
+    known; past it, lookups and reads refuse (KeyStateError), as the sync registry does."""
+
+    async def scenario() -> list[str]:
+        aengine = create_async_engine(aurl)
+        outcomes = []
+        try:
+            await setup(aengine, active_ttl=0.2, stale_ttl=0.6)
+            await kfa.preload()
+            await request(aengine, 1)
+            with engine.begin() as conn:  # the store cannot be read any more
+                conn.exec_driver_sql("ALTER TABLE kms_field_keys RENAME TO kms_field_keys_gone")
+            await asyncio.sleep(0.3)
+            await request(aengine, 2)  # within stale_ttl
+            await asyncio.sleep(0.6)
+            for attempt in (lambda: Person.email == "user1@example.org", None):
+                try:
+                    if attempt is not None:
+                        attempt()
+                    else:
+                        async with AsyncSession(aengine) as session:
+                            await session.get(Person, 1)
+                except Exception as exc:
+                    error = getattr(exc, "orig", None) or exc
+                    outcomes.append(f"{type(error).__name__}: {error}")
+            return outcomes
+        finally:
+            await kfa.close()
+            await aengine.dispose()
+
+    outcomes = run_in_thread(scenario)
+    assert len(outcomes) == 2, outcomes
+    assert all(o.startswith("KeyStateError") and "stale_ttl" in o for o in outcomes), outcomes

@@ -110,6 +110,8 @@ def test_known_workload_gives_exact_counts(
     assert found["kms_field.key_cache.misses"][data] - misses_before == 2
     assert found["kms_field.key_cache.hits"][(("kind", "data"),)] == 150
     assert "kms_field.decryption.failures" not in found
+    attributes = [str(a) for points_ in found.values() for a in points_]
+    assert attributes and not any("x.org" in a for a in attributes)  # no value in any attribute
 
 
 def test_decryption_failures_by_reason(

@@ -13,11 +13,14 @@ the library's code sync and bridges it the same way (``greenlet_spawn`` / ``awai
   worker thread) and starts a background task that re-reads the key states every
   ``active_ttl / 2`` seconds and unwraps any new version *before* the processors need it. In
   steady state no processor calls the database or KMS for keys.
-- If a processor needs a key all the same (a version that was not preloaded, a refresh the
-  background task has not done yet), it is loaded in place when SQLAlchemy's greenlet allows
-  it: the database query and the KMS call are awaited, the loop serves other tasks meanwhile.
-  Where no greenlet runs (e.g. building a blind-index lookup, ``Model.email_index == ...``,
-  outside a session call) a load would have to block the loop: it raises
+- If a processor finds the states expired all the same (a late background refresh), it starts
+  a refresh in a task of its own and goes on with the states known, within ``stale_ttl`` of
+  the last successful read (the sync registry's rule when the store cannot be read).
+- A key version not in memory, or states past ``stale_ttl``, are loaded in place when
+  SQLAlchemy's greenlet allows it: the database query and the KMS call are awaited, the loop
+  serves other tasks meanwhile. Where no greenlet runs (building a blind-index lookup,
+  ``Model.email == ...``, or setting a column that has a blind index, outside a session call)
+  a load would have to block the loop: it raises
   :class:`~sqlalchemy_kms_field.exc.ConfigurationError` naming the fix (``await preload()``).
 """
 
@@ -298,6 +301,9 @@ class AsyncKeyRegistry(KeyRegistry):
         if task is not None:
             self._stop.set()
             await task
+        soon, self._soon = self._soon, None
+        if soon is not None:
+            await soon  # a refresh a processor started: let its query finish
 
 
 # Module-level conveniences, like the sync ones, for the configured registry ----------------

@@ -171,9 +171,10 @@ def test_many_tasks_finding_the_states_expired_do_not_deadlock(aurl: str, stale_
             await asyncio.gather(*(one(aengine, i) for i in range(12)))
             await asyncio.sleep(0.5)
             await asyncio.gather(*(one(aengine, i) for i in range(12, 24)))
-            await asyncio.sleep(0.1)  # a refresh started by a processor finishes
+            await kfa.close()  # waits for a refresh a processor started
             return registry.loop_loads - loads, registry.refreshes_started - started
         finally:
+            await kfa.close()
             await aengine.dispose()
 
     outcome = run_in_thread(scenario, timeout=60)
@@ -225,6 +226,7 @@ def test_a_load_that_would_block_the_loop_says_how_to_avoid_it(aurl: str) -> Non
             kf.get_registry().forget()
             Person.email == "ann@example.org"  # noqa: B015 - hashes with the index key
         finally:
+            await kfa.close()
             await aengine.dispose()
 
     with pytest.raises(kf.ConfigurationError, match=r"would block the event loop.*preload\(\)"):

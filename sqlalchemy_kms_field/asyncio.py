@@ -235,13 +235,8 @@ class AsyncKeyRegistry(KeyRegistry):
         await greenlet_spawn(self._apply_and_warm, stored, started)
 
     async def _load(self, stored: StoredKey) -> None:
-        if stored.kind == "index":
-            if (stored.name, stored.version) in self._index_keys:
-                return
-        elif header(stored.name, stored.version)[:-1] in self._keys:
-            return
         try:
-            plain = await asyncio.to_thread(KeyRegistry._unwrap, self, stored)
+            await greenlet_spawn(self._load_once, stored)
         except Exception as exc:  # a processor that needs it retries, and raises clearly
             log.warning(
                 "could not unwrap %s key %r version %d in the background (%s)",
@@ -250,14 +245,21 @@ class AsyncKeyRegistry(KeyRegistry):
                 stored.version,
                 type(exc).__name__,
             )
-            return
+
+    def _load_once(self, stored: StoredKey) -> None:
+        """Unwrap ``stored`` unless in memory, under the lock a processor's load of the same
+        version takes (single flight: one unwrap per version, whoever asks first)."""
+        name, version = stored.name, stored.version
         if stored.kind == "index":
-            self._index_keys[(stored.name, stored.version)] = IndexKey(
-                stored.name, stored.version, plain
-            )
-        else:
-            key = DataKey(stored.name, stored.version, plain)
-            self._keys[key.header[:-1]] = key
+            with self._lock_for(("index", name, version)):
+                if (name, version) not in self._index_keys:
+                    key = IndexKey(name, version, self._unwrap(stored))
+                    self._index_keys[(name, version)] = key
+            return
+        head = header(name, version)[:-1]
+        with self._lock_for(head):
+            if head not in self._keys:
+                self._keys[head] = DataKey(name, version, self._unwrap(stored))
 
     def _apply_and_warm(self, stored: list[StoredKey], started: float) -> None:
         with self._refresh_lock:

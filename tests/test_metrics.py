@@ -208,9 +208,20 @@ def test_an_async_application_unwraps_each_version_once(
             await kfa.create_index_key("email-index")
             await kfa.create_data_key("pii")
             await kfa.rotate_data_key("pii")
+            async with aengine.begin() as conn:  # rows under v2, written before a "restart"
+                await conn.execute(
+                    PEOPLE.insert(), [{"id": i, "email": f"u{i}@x.org"} for i in range(100, 120)]
+                )
             registry.forget()
             kms.reset_counts()
-            await kfa.preload()
+
+            async def read(i: int) -> None:
+                async with AsyncSession(aengine) as session:
+                    found = await session.get(Person, i)
+                    assert found is not None and found.email == f"u{i}@x.org"
+
+            # Requests race the preload for v2: one of them unwraps it, not both.
+            await asyncio.gather(kfa.preload(), *(read(i) for i in range(100, 120)))
 
             async def one(i: int) -> None:
                 async with AsyncSession(aengine) as session:

@@ -16,12 +16,13 @@ the library's code sync and bridges it the same way (``greenlet_spawn`` / ``awai
 - If a processor finds the states expired all the same (a late background refresh), it starts
   a refresh in a task of its own and goes on with the states known, within ``stale_ttl`` of
   the last successful read (the sync registry's rule when the store cannot be read).
-- A key version not in memory, or states past ``stale_ttl``, are loaded in place when
-  SQLAlchemy's greenlet allows it: the database query and the KMS call are awaited, the loop
-  serves other tasks meanwhile. Where no greenlet runs (building a blind-index lookup,
-  ``Model.email == ...``, or setting a column that has a blind index, outside a session call)
-  a load would have to block the loop: it raises
-  :class:`~sqlalchemy_kms_field.exc.ConfigurationError` naming the fix (``await preload()``).
+- A key version not in memory is unwrapped from the wrapped key read with the states, and
+  states past ``stale_ttl`` are re-read, in place when SQLAlchemy's greenlet allows it: the
+  database query and the KMS call are awaited, the loop serves other tasks meanwhile.
+- Where no greenlet runs (building a blind-index lookup, ``Model.email == ...``, or setting a
+  column that has a blind index, outside a session call) a load would have to block the loop:
+  it raises :class:`~sqlalchemy_kms_field.exc.ConfigurationError` naming the fix
+  (``await preload()``).
 """
 
 from __future__ import annotations
@@ -185,6 +186,12 @@ class AsyncKeyRegistry(KeyRegistry):
             self.refreshes_started += 1
 
     def _fetch(self, name: str, version: int) -> StoredKey:
+        # The wrapped key as read with the states (within stale_ttl, the age the states are
+        # trusted at anyway): a processor that loads it needs no second connection while its
+        # request holds one, so requests missing a key cannot exhaust the pool.
+        for stored in self._states.get(name, ()):
+            if stored.version == version:
+                return stored
         if _on_loop():
             if not in_greenlet():
                 raise _would_block(f"loading key {name!r} version {version}")
@@ -195,10 +202,14 @@ class AsyncKeyRegistry(KeyRegistry):
         if _on_loop():
             if not in_greenlet():
                 raise _would_block(f"unwrapping key {stored.name!r} version {stored.version}")
-            # The master key's call (KMS over HTTP) runs in a worker thread; this task awaits.
-            work = functools.partial(KeyRegistry._unwrap, self, stored)
-            return await_only(asyncio.to_thread(work))
+            self.loop_loads += 1
+            return self._unwrap_in_thread(stored)
         return super()._unwrap(stored)
+
+    def _unwrap_in_thread(self, stored: StoredKey) -> bytes:
+        """The master key's call (KMS over HTTP) in a worker thread; this task awaits it."""
+        work = functools.partial(KeyRegistry._unwrap, self, stored)
+        return await_only(asyncio.to_thread(work))
 
     # Preload and background refresh ----------------------------------------------------------
 
@@ -253,13 +264,13 @@ class AsyncKeyRegistry(KeyRegistry):
         if stored.kind == "index":
             with self._lock_for(("index", name, version)):
                 if (name, version) not in self._index_keys:
-                    key = IndexKey(name, version, self._unwrap(stored))
+                    key = IndexKey(name, version, self._unwrap_in_thread(stored))
                     self._index_keys[(name, version)] = key
             return
         head = header(name, version)[:-1]
         with self._lock_for(head):
             if head not in self._keys:
-                self._keys[head] = DataKey(name, version, self._unwrap(stored))
+                self._keys[head] = DataKey(name, version, self._unwrap_in_thread(stored))
 
     def _apply_and_warm(self, stored: list[StoredKey], started: float) -> None:
         with self._refresh_lock:

@@ -405,14 +405,14 @@ def test_a_failing_background_refresh_fails_closed_after_stale_ttl(
         aengine = create_async_engine(aurl)
         outcomes = []
         try:
-            await setup(aengine, active_ttl=0.2, stale_ttl=0.6)
+            await setup(aengine, active_ttl=0.2, stale_ttl=1.5)
             await kfa.preload()
             await request(aengine, 1)
             with engine.begin() as conn:  # the store cannot be read any more
                 conn.exec_driver_sql("ALTER TABLE kms_field_keys RENAME TO kms_field_keys_gone")
             await asyncio.sleep(0.3)
             await request(aengine, 2)  # within stale_ttl
-            await asyncio.sleep(0.6)
+            await asyncio.sleep(1.5)
             for attempt in (lambda: Person.email == "user1@example.org", None):
                 try:
                     if attempt is not None:

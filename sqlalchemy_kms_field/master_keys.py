@@ -91,7 +91,7 @@ class LocalMasterKey:
         except FileNotFoundError:
             raise ConfigurationError(
                 f"local master key file {os.fspath(path)!r} does not exist; create one with "
-                "LocalMasterKey.generate_file(path) or `kms-field keys init-local PATH`"
+                "LocalMasterKey.generate_file(path) or `kms-field init-local PATH`"
             ) from None
         return cls(_decode_key(text, f"file {os.fspath(path)!r}"))
 

@@ -208,8 +208,8 @@ class _Transform:
             f"context {table}.{column}{bound} with {tried}{why}: if the column type declares "
             "context=..., pass the same context= (CLI --context TABLE.COLUMN); if it declares "
             "bind_to=..., pass the same bind_to= (CLI --bind-to); pass the column's codec= "
-            "(CLI --codec) if it is known; if these values are damaged, pass codec= with "
-            "skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
+            "(CLI --codec) if it is known; if these values are damaged, pass codec= (CLI --codec) "
+            "with skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
         )
 
     def need_codec(self) -> str:
@@ -882,8 +882,10 @@ class _Job:
                 if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
                     raise ReencryptionError(
                         f"{self.operation} of {self.ref} stopped at the row with primary key "
-                        f"{_show_key(key)}: {exc}. Nothing of this batch was written; every "
-                        "row is readable; rerun to resume (or pass skip_undecryptable)",
+                        f"{_show_key(key)}: {exc}. Nothing of this batch was written and no row "
+                        "was changed; rerun to resume once that row is fixed, or pass "
+                        "skip_undecryptable=True (CLI --skip-undecryptable) to leave such rows "
+                        "as they are",
                         table=self.ref.table,
                         column=self.ref.column,
                         primary_key=key,

@@ -20,16 +20,13 @@ import sqlalchemy as sa
 
 from . import census, scan
 from .census import Census, ColumnRef
+from .constants import DESTROY_GRACE_PERIOD as DESTROY_GRACE_PERIOD
 from .erasure import Erased
 from .exc import ConfigurationError, KeyStateError, MasterKeyError
 from .key_store import ACTIVE_TTL_MARGIN, KeyState, SqlKeyStore, StoredKey
 from .master_keys import AwsKmsMasterKey
 from .registry import KeyRegistry, get_registry, key_context
 from .scan import Progress, Scan
-
-DESTROY_GRACE_PERIOD = (
-    3 * 24 * 3600.0
-)  # seconds a version stays retired before destroy may erase it
 
 # The versions whose wrapped key is still needed: everything but pending and destroyed.
 SURVIVING = frozenset({KeyState.ACTIVE, KeyState.READABLE, KeyState.RETIRED})

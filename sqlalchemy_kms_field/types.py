@@ -872,3 +872,9 @@ class Encrypted(_EncryptedType[Any]):
         if type(self.inner).__module__.startswith("sqlalchemy."):
             inner = "sa." + inner  # Alembic's migration files import sqlalchemy as sa
         return self._args_repr(inner)
+
+
+# Alembic renders user types as "<module>.<repr>": make that the public, stable path.
+for _cls in (Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText):
+    _cls.__module__ = "sqlalchemy_kms_field"
+del _cls

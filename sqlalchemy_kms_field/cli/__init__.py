@@ -49,15 +49,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-
-from ..exc import KmsFieldError
-from .app import App
 from .config import ENV, PROG
 from .errors import Refused, UsageError
 from .parser import build_parser
 from .wording import for_cli
+
+if TYPE_CHECKING:
+    from .app import App
 
 __all__ = ["main"]
 
@@ -91,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help and --version (0), or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    # Only now, with a command to run: --help and usage errors import none of this.
+    import sqlalchemy as sa
+
+    from ..exc import KmsFieldError
+    from .app import App
+
     library_log = logging.getLogger("sqlalchemy_kms_field")
     sink = _StderrHandler()
     sink.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))

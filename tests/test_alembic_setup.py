@@ -306,3 +306,45 @@ def test_create_key_store_upgrades_a_key_table_of_an_earlier_release(
         assert activated is not None  # the active version's grace periods start now
     finally:
         engine.dispose()
+
+
+ROTATE = '''
+"""encrypt, then rotate and re-encrypt
+
+Revision ID: 0002
+Revises: 0001
+"""
+import sqlalchemy as sa
+from alembic import op
+
+import sqlalchemy_kms_field as kf
+
+revision = "0002"
+down_revision = "0001"
+
+
+def upgrade():
+    with op.batch_alter_table("users") as batch:
+        batch.alter_column(
+            "email", type_=kf.EncryptedString(320, key="pii"), existing_type=sa.String(320)
+        )
+    op.encrypt_column("users", "email", key="pii")
+    op.rotate_data_key("pii")
+    op.reencrypt_column("users", "email", key="pii")
+'''
+
+
+@pytest.mark.databases("sqlite")
+def test_an_alembic_rotation_says_what_it_waits_for(db_url: str, tmp_path: Path) -> None:
+    project = new_project(tmp_path, readme_block("<!-- alembic-env -->"))
+    write_revision(project, "0001_start.py", FIRST.format(rows=ROWS))
+    write_revision(project, "0002_rotate.py", ROTATE)
+    result = alembic(
+        project, "upgrade", "head", env={**settings(db_url), "KMS_FIELD_ACTIVE_TTL": "1"}
+    )
+    assert result.returncode == 0, result.stderr
+    waits = [line for line in result.stderr.splitlines() if "waiting" in line]
+    assert len(waits) == 1, result.stderr
+    assert "[alembic.kms_field]" in waits[0] and "active_ttl 1 s" in waits[0], waits[0]
+    assert "'pii' version 2" in waits[0], waits[0]
+    assert f"reencrypt users.email: {ROWS} of {ROWS} rows" in result.stderr, result.stderr

@@ -101,6 +101,7 @@ def configure_from_settings(engine: sa.Engine) -> KeyRegistry | None:
         ttl, app = active_ttl(settings), application(settings)
     except UsageError as exc:
         raise ConfigurationError(str(exc)) from None
+    alembic_ops.not_configured_because(None)
     return configure(
         master_key=master_key,
         key_store=SqlKeyStore(engine),

@@ -1,7 +1,7 @@
 """Alembic operations for data keys and column re-encryption.
 
-Import this module in ``env.py`` (``import sqlalchemy_kms_field.alembic_ops``) and configure the
-registry there (``sqlalchemy_kms_field.configure(...)``); then, in a migration::
+``env.py`` sets them up with :func:`sqlalchemy_kms_field.alembic_env.run_migrations` (or imports
+this module and calls ``sqlalchemy_kms_field.configure(...)`` itself); then, in a migration::
 
     def upgrade():
         op.rotate_data_key("pii")

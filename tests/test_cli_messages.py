@@ -54,6 +54,15 @@ def test_a_missing_key_is_named_with_the_command_that_creates_it(
 
 
 @pytest.mark.databases("sqlite")
+def test_a_bad_context_flag_is_answered_in_flags(cli: Cli, db_url: str, tmp_path: Path) -> None:
+    setup_database(cli, db_url, tmp_path / "dev.key")
+    line = error_line(
+        cli("reencrypt", "cli_users.email", "--key", "pii", "--context", "bad", code=1)
+    )
+    assert line == "kms-field: error: --context 'bad': write it as TABLE.COLUMN (one dot)", line
+
+
+@pytest.mark.databases("sqlite")
 def test_destroy_and_undecryptable_rows_name_flags_and_no_false_comfort(
     cli: Cli, db_url: str, engine: sa.Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

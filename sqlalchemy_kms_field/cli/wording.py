@@ -30,6 +30,10 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
         f"`{PROG} setup`",
     ),
     (re.compile(r"LocalMasterKey\.generate_file\(path\) or "), ""),
+    (
+        re.compile(r"\bcontext=('[^']*'): write it as 'table\.column' \(one dot\).*"),
+        r"--context \1: write it as TABLE.COLUMN (one dot)",
+    ),
     # argument=value (--flag) / argument= (CLI --flag VALUE) -> --flag / --flag VALUE
     (re.compile(r"\b\w+=\S* \((?:CLI )?(--[^)]+)\)"), r"\1"),
     (re.compile(r"\b[a-z]+_[a-z_]+ \((?:CLI )?(--[^)]+)\)"), r"\1"),

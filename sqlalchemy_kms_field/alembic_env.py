@@ -63,7 +63,7 @@ def database_url(ini_url: str | None = None) -> str:
     """``KMS_FIELD_DATABASE_URL`` (or the config file's ``database_url``), else ``ini_url``."""
     found = _settings().get("database_url")
     url = str(found.value) if found is not None else ini_url
-    if not url:
+    if not url or url.startswith("driver://"):  # alembic init's placeholder
         raise ConfigurationError(
             "no database to migrate: set KMS_FIELD_DATABASE_URL (or sqlalchemy.url in "
             "alembic.ini, or database_url in ./kms-field.toml)"

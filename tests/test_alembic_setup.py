@@ -268,6 +268,11 @@ def test_the_readme_env_py_without_a_master_key_names_the_setting(
 @pytest.mark.databases("sqlite")
 def test_a_postgres_scheme_url_names_the_one_to_use(db_url: str, tmp_path: Path) -> None:
     project = new_project(tmp_path, readme_block("<!-- alembic-env -->"))
+    unset = {**settings(db_url), "KMS_FIELD_DATABASE_URL": ""}  # alembic.ini: driver://...
+    result = alembic(project, "upgrade", "head", env=unset)
+    assert result.returncode != 0
+    assert "set KMS_FIELD_DATABASE_URL" in result.stderr.strip().splitlines()[-1], result.stderr
+
     env = {**settings(db_url), "KMS_FIELD_DATABASE_URL": "postgres://app@db.internal/app"}
     result = alembic(project, "upgrade", "head", env=env)
     assert result.returncode != 0

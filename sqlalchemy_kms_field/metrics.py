@@ -30,11 +30,12 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from .envelope import DataKey
 from .exc import ConfigurationError, DecryptionError, KeyNotFoundError, KeyStateError
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+
+    from .envelope import DataKey
 
 # Read on every value by the column types: True once metrics or an audit hook are enabled.
 ON = False

@@ -10,6 +10,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .audit import AuditEvent, set_audit_hook
     from .blind_index import BlindIndex, find
     from .envelope import DataKey, IndexKey
     from .exc import (
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     )
     from .key_store import KeyState, SqlKeyStore, StoredKey
     from .master_keys import AwsKmsMasterKey, LocalMasterKey, MasterKey
+    from .metrics import disable_metrics, enable_metrics
     from .reencrypt import decrypt_column, encrypt_column, reencrypt_column, reindex_column
     from .registry import (
         KeyRegistry,
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 # Public name -> the module that defines it.
 _WHERE = {
+    **dict.fromkeys(("AuditEvent", "set_audit_hook"), ".audit"),
     **dict.fromkeys(("BlindIndex", "find"), ".blind_index"),
     **dict.fromkeys(("DataKey", "IndexKey"), ".envelope"),
     **dict.fromkeys(
@@ -60,6 +63,7 @@ _WHERE = {
     ),
     **dict.fromkeys(("KeyState", "SqlKeyStore", "StoredKey"), ".key_store"),
     **dict.fromkeys(("AwsKmsMasterKey", "LocalMasterKey", "MasterKey"), ".master_keys"),
+    **dict.fromkeys(("disable_metrics", "enable_metrics"), ".metrics"),
     **dict.fromkeys(
         ("decrypt_column", "encrypt_column", "reencrypt_column", "reindex_column"), ".reencrypt"
     ),
@@ -83,8 +87,8 @@ _WHERE = {
 }
 
 _SUBMODULES = frozenset(
-    {"alembic_ops", "alembic_env", "blind_index", "census", "envelope", "exc", "key_store",
-     "lifecycle", "master_keys", "reencrypt", "registry", "scan", "types"}
+    {"alembic_ops", "alembic_env", "asyncio", "audit", "blind_index", "census", "envelope", "exc",
+     "key_store", "lifecycle", "master_keys", "metrics", "reencrypt", "registry", "scan", "types"}
 )  # fmt: skip
 
 
@@ -115,6 +119,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AuditEvent",
     "AwsKmsMasterKey",
     "BlindIndex",
     "ConfigurationError",
@@ -144,6 +149,8 @@ __all__ = [
     "create_data_key",
     "create_index_key",
     "decrypt_column",
+    "disable_metrics",
+    "enable_metrics",
     "encrypt_column",
     "find",
     "get_registry",
@@ -152,4 +159,5 @@ __all__ = [
     "reindex_column",
     "rotate_data_key",
     "rotate_index_key",
+    "set_audit_hook",
 ]

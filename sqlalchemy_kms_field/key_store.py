@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
@@ -25,6 +25,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from .erasure import Erased, vacuum_full
 from .exc import ConfigurationError, KeyNotFoundError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 class KeyState(enum.StrEnum):
@@ -96,9 +99,17 @@ class SqlKeyStore:
     """
 
     def __init__(
-        self, engine: Engine, *, table_name: str = "kms_field_keys", schema: str | None = None
+        self,
+        engine: Engine | AsyncEngine,
+        *,
+        table_name: str = "kms_field_keys",
+        schema: str | None = None,
     ) -> None:
-        self.engine = engine
+        # An async engine (asyncpg, aiosqlite, asyncmy): the store keeps its sync facade, whose
+        # calls only work inside SQLAlchemy's greenlet bridge; sqlalchemy_kms_field.asyncio
+        # makes every call there (see its module docstring).
+        self.engine: Engine = cast(Engine, getattr(engine, "sync_engine", engine))
+        self.is_async: bool = self.engine.dialect.is_async  # also for async_engine.sync_engine
         self.metadata = sa.MetaData(schema=schema)
         self.table = key_table(self.metadata, table_name)
         self._has_dates: bool | None = None  # activated_at/retired_at exist; None: not checked

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import metrics
 from .exc import ConfigurationError, MasterKeyError
 
 if TYPE_CHECKING:
@@ -311,6 +313,18 @@ class AwsKmsMasterKey:
         return client
 
     def _call(self, operation: str, fn: Any) -> Any:
+        if not metrics.ON or operation == "CreateClient":
+            return self._call_kms(operation, fn)
+        started = time.perf_counter()
+        try:
+            result = self._call_kms(operation, fn)
+        except MasterKeyError as exc:
+            metrics.kms_call(operation, exc.code, time.perf_counter() - started)
+            raise
+        metrics.kms_call(operation, "success", time.perf_counter() - started)
+        return result
+
+    def _call_kms(self, operation: str, fn: Any) -> Any:
         try:
             from botocore import exceptions as bx
         except ImportError:  # the [aws] extra is not installed

@@ -15,11 +15,12 @@ import re
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from typing import TypeVar
 
 import sqlalchemy as sa
 
-from . import envelope
+from . import envelope, metrics
 from .envelope import DataKey, IndexKey
 from .exc import ConfigurationError, KeyNotFoundError, KeyStateError, MasterKeyError
 from .key_store import KeyState, SqlKeyStore, StoredKey
@@ -105,8 +106,8 @@ class KeyRegistry:
         self._fresh_until = -math.inf  # writes trust the cached states until then
         self._read_until = -math.inf  # reads trust them until then (READ_RECHECK at least)
         self._generation = 0  # one more at each read of the states
-        self._refresh_lock = threading.Lock()
-        self._locks: dict[object, threading.Lock] = {}
+        self._refresh_lock = self._new_lock()
+        self._locks: dict[object, AbstractContextManager[object]] = {}
         self._locks_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -136,7 +137,7 @@ class KeyRegistry:
             key = self._keys.get(head)
             if key is None:
                 generation = self._generation
-                stored = self.key_store.get(name, version)
+                stored = self._fetch(name, version)
                 _check_kind(stored, "data")
                 key = DataKey(name, version, self._unwrap(stored))
                 if self._still_usable(generation, name, version):
@@ -428,7 +429,7 @@ class KeyRegistry:
             key = self._index_keys.get((name, version))
             if key is None:
                 generation = self._generation
-                stored = self.key_store.get(name, version)
+                stored = self._fetch(name, version)
                 _check_kind(stored, "index")
                 key = IndexKey(name, version, self._unwrap(stored))
                 if self._still_usable(generation, name, version):
@@ -479,6 +480,8 @@ class KeyRegistry:
             )
         context = self.context(stored.name, stored.version, stored.kind)
         master = self._master_for(stored)
+        if metrics.ON:
+            metrics.cache_miss(stored.kind)
         try:
             return master.unwrap(stored.wrapped_key, context, stored.master_key_id)
         except MasterKeyError as exc:
@@ -504,12 +507,22 @@ class KeyRegistry:
             code="UnexpectedMasterKey",
         )
 
-    def _lock_for(self, what: object) -> threading.Lock:
+    def _lock_for(self, what: object) -> AbstractContextManager[object]:
         with self._locks_lock:
             lock = self._locks.get(what)
             if lock is None:
-                lock = self._locks[what] = threading.Lock()
+                lock = self._locks[what] = self._new_lock()
             return lock
+
+    # Overridden by asyncio.AsyncKeyRegistry, whose locks and loads must not block the loop.
+
+    def _new_lock(self) -> AbstractContextManager[object]:
+        """A lock held while the key store or the master key is called."""
+        return threading.Lock()
+
+    def _fetch(self, name: str, version: int) -> StoredKey:
+        """The stored (wrapped) form of a key version, read from the key store."""
+        return self.key_store.get(name, version)
 
 
 _registry: KeyRegistry | None = None
@@ -534,9 +547,17 @@ def configure(
     a wrapped key copied from another application's key store does not unwrap.
 
     Call once at start-up. Calling it again replaces the registry (and forgets unwrapped keys).
+    With a key store on an async engine, the registry is an
+    :class:`~sqlalchemy_kms_field.asyncio.AsyncKeyRegistry`: then ``await
+    sqlalchemy_kms_field.asyncio.preload()`` at start-up.
     """
     global _registry
-    _registry = KeyRegistry(
+    cls = KeyRegistry
+    if getattr(key_store, "is_async", False):  # asyncio: keys load without blocking the loop
+        from .asyncio import AsyncKeyRegistry
+
+        cls = AsyncKeyRegistry
+    _registry = cls(
         master_key,
         key_store,
         active_ttl=active_ttl,

@@ -24,7 +24,7 @@ from sqlalchemy.sql.elements import Label, UnaryExpression
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from . import envelope, row_binding
+from . import envelope, metrics, row_binding
 from .blind_index import rewrite_comparison
 from .envelope import DataKey
 from .exc import (
@@ -234,6 +234,8 @@ class _EncryptedType(TypeDecorator[T]):
         self._check_bind_to()
         data = self._serialize(value)
         key = get_registry().active_key(self.key)
+        if metrics.ON:
+            metrics.encrypted(key)
         return key.encrypt_text(data, self.row_context(row), self.pad)
 
     def _check_bind_to(self) -> None:
@@ -311,6 +313,8 @@ class _EncryptedType(TypeDecorator[T]):
         data = self._serialize(value)
         ctx = self.context_bytes()
         key = get_registry().active_key(self.key)
+        if metrics.ON:
+            metrics.encrypted(key)
         if self._binary:
             return key.encrypt_binary(data, ctx, self.pad)
         return key.encrypt_text(data, ctx, self.pad)
@@ -318,6 +322,14 @@ class _EncryptedType(TypeDecorator[T]):
     def process_result_value(self, value: Any, dialect: Dialect) -> T | None:
         if value is None:
             return None
+        try:
+            return self._decrypt_result(value)
+        except DecryptionError as exc:
+            if metrics.ON:
+                metrics.decryption_failed(self, self.key, exc)
+            raise
+
+    def _decrypt_result(self, value: Any) -> T:
         if self._binary:
             if not isinstance(value, (bytes, bytearray, memoryview)):
                 raise self._not_ours(value)
@@ -338,7 +350,10 @@ class _EncryptedType(TypeDecorator[T]):
             data = key.decrypt_binary(value, ctx) if self._binary else key.decrypt_text(value, ctx)
         except DecryptionError as exc:
             raise DecryptionError(f"{self._where()}: {exc}") from None
-        return self._decoded(data, key)
+        decoded = self._decoded(data, key)
+        if metrics.ON:
+            metrics.decrypted(key, self)
+        return decoded
 
     def _decoded(self, data: bytes, key: DataKey) -> T:
         """``_deserialize``, with any failure as a DecryptionError that holds no plaintext."""
@@ -392,6 +407,8 @@ class _EncryptedType(TypeDecorator[T]):
                 ctx = context_bytes()
                 encrypt = key.binary_encrypter(ctx, pad) if binary else key.text_encrypter(ctx, pad)
                 current = key
+            if metrics.ON:
+                metrics.encrypted(key)
             return encrypt(data)
 
         return process
@@ -403,6 +420,7 @@ class _EncryptedType(TypeDecorator[T]):
         if self._impl_processes(dialect, "result", coltype):
             return general
         deserialize, name, context_bytes = self._deserializer(), self.key, self.context_bytes
+        typ = self
         # The decrypter of the key version last read, and that version's headers (kf2, kf1):
         # a value starting with one is looked up under the same header string, no split.
         # Threads may interleave these updates: a decrypter checks the value's header
@@ -430,9 +448,13 @@ class _EncryptedType(TypeDecorator[T]):
                         prefixes, lookup = (key.header, key.legacy_header), key.header[:-1]
                     if key is current:
                         try:
-                            return deserialize(decrypt(value))
+                            decoded = deserialize(decrypt(value))
                         except Exception:  # noqa: S110 - the general path raises, plaintext-free
                             pass
+                        else:
+                            if metrics.ON:
+                                metrics.decrypted(key, typ)
+                            return decoded
             return general(value)
 
         return process

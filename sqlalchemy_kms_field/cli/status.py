@@ -12,14 +12,23 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from .. import lifecycle, reencrypt
+from .. import lifecycle, metrics, reencrypt
 from ..census import FORMATS, Census, ColumnRef
 from ..exc import KmsFieldError
 from ..key_store import StoredKey
 from .app import App
 from .config import ENV, PROG
 from .keys import JOB_COMMAND
-from .output import add_row, census_table, job_column, key_json, keys_table, new_table, when
+from .output import (
+    add_row,
+    census_table,
+    duration,
+    job_column,
+    key_json,
+    keys_table,
+    new_table,
+    when,
+)
 
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
@@ -64,13 +73,38 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
             "values of another key)"
         )
     if jobs:
-        _print_jobs(app, jobs)
+        _print_jobs(app, jobs, counts)
     else:
         app.say("no unfinished jobs")
     return 0
 
 
-def _print_jobs(app: App, jobs: Sequence[Any]) -> None:
+JobFigures = tuple[int | None, float | None, float | None]  # rows left, rows/s, seconds left
+JOB_FIGURES = ("rows_left", "rate", "eta_seconds")
+
+
+def _job_figures(job: Any, counts: Sequence[Census]) -> JobFigures:
+    """Rows left (from the census), rate and ETA of a job, as kms_field.job.* report them."""
+    remaining = None
+    for c in counts:
+        ref = c.column
+        if (ref.schema or "", ref.table, ref.column) != (
+            job.table_schema or "",
+            job.table_name,
+            job.column_name,
+        ):
+            continue
+        if job.operation == "reencrypt" and job.target_version:
+            remaining = c.on_other_versions(job.target_version) - c.other
+        elif job.operation == "encrypt":
+            remaining = c.other
+        elif job.operation == "decrypt":
+            remaining = sum(c.by_version.values())
+    rate, eta = metrics.job_rate(job.rows_done, job.started_at, job.updated_at, remaining)
+    return remaining, rate, eta
+
+
+def _print_jobs(app: App, jobs: Sequence[Any], counts: Sequence[Census]) -> None:
     table = new_table(
         "unfinished jobs",
         "column",
@@ -79,9 +113,13 @@ def _print_jobs(app: App, jobs: Sequence[Any]) -> None:
         "target version",
         "rows done",
         "rows skipped",
+        "rows left",
+        "rate",
+        "eta",
         "updated_at",
     )
     for job in jobs:
+        remaining, rate, eta = _job_figures(job, counts)
         add_row(
             table,
             job_column(job),
@@ -90,6 +128,9 @@ def _print_jobs(app: App, jobs: Sequence[Any]) -> None:
             job.target_version or "-",
             f"{job.rows_done:,}",
             f"{job.rows_skipped:,}",
+            "-" if remaining is None else f"{remaining:,}",
+            "-" if rate is None else f"{rate:,.0f} rows/s",
+            "-" if eta is None else duration(eta),
             when(job.updated_at),
         )
     app.console.print(table)
@@ -133,6 +174,7 @@ def _status_json(
                 "rows_done": job.rows_done,
                 "rows_skipped": job.rows_skipped,
                 "updated_at": when(job.updated_at),
+                **dict(zip(JOB_FIGURES, _job_figures(job, counts), strict=True)),
             }
             for job in jobs
         ],

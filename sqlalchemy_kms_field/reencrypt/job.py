@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -21,12 +21,13 @@ from ..exc import ConfigurationError, ReencryptionError
 from ..key_store import ACTIVE_TTL_MARGIN
 from ..registry import KeyRegistry, get_registry
 from . import control, ranges
+from .pacing import Pacing
 from .ranges import Claim
 from .records import JobResult, Operation, _finish, _job_where, jobs_table
 from .sweep import ProgressCallback, _bound_text, _Job
 from .tables import FINISH
 from .transform import _check_format_options, _Reindex, _Transform, _WithIndex
-from .workers import Worker, run_workers, worker_name
+from .workers import Worker, add_rows_done, run_workers, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def run_job(
     lease_seconds: float = 30.0,
     heartbeat_seconds: float | None = None,
     range_rows: int | None = None,
-    health: Callable[[], None] | None = None,
+    pacing: Pacing | None = None,
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
 
@@ -96,8 +97,9 @@ def run_job(
     most 5 s): a worker killed leaves its range to be resumed once the lease has passed.
     Without ``join``, a job already running on the column (live workers) is refused
     (:class:`JobConflictError`). The call returns once the job is finished (by whichever
-    worker took the finishing step). SQLite: one worker per job. ``health``: called before
-    each batch is written; it may sleep to hold the job back (see ``pacing.Pacing``).
+    worker took the finishing step). SQLite: one worker per job. ``pacing`` (a
+    :class:`~sqlalchemy_kms_field.reencrypt.pacing.Pacing`) holds workers back while the
+    database's replication lag or batch latency is above a bound.
     """
     if batch_size < 1:
         raise ConfigurationError("batch_size must be at least 1")
@@ -262,7 +264,8 @@ def run_job(
             time.sleep(min(1.0, settle_timeout / 10))
         worker.gate()  # not if it was cancelled meanwhile
         with engine.begin() as conn:
-            ranges.finish(conn, ref, FINISH, worker.id)
+            last = ranges.finish(conn, ref, FINISH, worker.id)
+            add_rows_done(conn, ref, operation, last)
             _finish(conn, ref, operation, skipped=len(job._compute.skipped_set))
             control.close(conn, run)
         result.finished = True
@@ -277,7 +280,7 @@ def run_job(
             name=name,
             lease=lease_seconds,
             heartbeat=beat,
-            health=health,
+            pace=pacing.gate(engine) if pacing is not None else None,
         )
         for name in worker_names
     ]

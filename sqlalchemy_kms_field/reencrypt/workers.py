@@ -17,12 +17,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
+from ..census import ColumnRef
 from . import control, ranges
 from .control import JobCancelled, Run
+from .pacing import Gate
 from .ranges import Claim, LeaseLost
-from .records import _job_where, jobs_table
+from .records import Operation, _job_where, _now, jobs_table
 from .sweep import _Job
 
 log = logging.getLogger(__name__)
@@ -46,11 +48,11 @@ class Worker:
         name: str,
         lease: float,
         heartbeat: float,
-        health: Callable[[], None] | None = None,
+        pace: Gate | None = None,
     ) -> None:
         self.engine, self.run_, self.job, self.finish = engine, run, job, finish
         self.id, self.lease, self.heartbeat = name, lease, heartbeat
-        self.health = health  # pacing by the database's health; may sleep (pacing.py)
+        self.pace = pace  # pacing by the database's health; may sleep (pacing.py)
         self.range_no: int | None = None
         self.state = "starting"
         self.paused = False
@@ -58,6 +60,8 @@ class Worker:
         self.lease_kept = True
         self._stop = threading.Event()
         job.gate = self.gate
+        if pace is not None:
+            job.paced = pace.after
 
     # Called by the sweep before each batch is written ------------------------------------
 
@@ -73,8 +77,12 @@ class Worker:
         self.state = state
         if self.ended:
             raise self._cancelled()
-        if self.health is not None:
-            self.health()
+        if self.pace is not None:
+            self.pace.hold(alive=self._alive)
+
+    def _alive(self) -> None:
+        if self.ended:
+            raise self._cancelled()
 
     def _cancelled(self) -> JobCancelled:
         ref = self.run_.ref
@@ -124,14 +132,7 @@ class Worker:
                 self.gate()
                 with self.engine.begin() as conn:
                     row = ranges.finish(conn, ref, claim.range_no, self.id)
-                    conn.execute(
-                        jobs_table.update()
-                        .where(*_job_where(ref, run.operation))
-                        .values(
-                            rows_done=jobs_table.c.rows_done + row.rows_done,
-                            rows_skipped=jobs_table.c.rows_skipped + row.rows_skipped,
-                        )
-                    )
+                    add_rows_done(conn, ref, run.operation, row)
             except LeaseLost:
                 log.warning(
                     "%s: worker %s lost its lease on range %d (another worker resumes it)",
@@ -158,7 +159,7 @@ class Worker:
                     range_no=self.range_no,
                     rows_done=rows,
                     rate=rate,
-                    state=self.state,
+                    state=(self.pace.state if self.pace else "") or self.state,
                     lease=self.lease,
                 )
             except Exception as exc:  # the lease may pass meanwhile; the checkpoints say so
@@ -169,6 +170,19 @@ class Worker:
             self.paused, self.ended = beat.paused, beat.ended
             if self.range_no is not None and not beat.lease_kept:
                 self.lease_kept = False
+
+
+def add_rows_done(conn: Connection, ref: ColumnRef, operation: Operation, row: Any) -> None:
+    """A finished range's rows, added to the job's record (``kms_field_jobs``)."""
+    conn.execute(
+        jobs_table.update()
+        .where(*_job_where(ref, operation))
+        .values(
+            rows_done=jobs_table.c.rows_done + row.rows_done,
+            rows_skipped=jobs_table.c.rows_skipped + row.rows_skipped,
+            updated_at=_now(),
+        )
+    )
 
 
 def run_workers(workers: list[Worker]) -> list[Any]:

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .. import census
 from ..census import ColumnRef
+from .tables import ranges_table
 
 jobs_table = census.jobs_table
 
@@ -123,9 +124,26 @@ def _finish(conn: Connection, ref: ColumnRef, operation: Operation, *, skipped: 
 
 def unfinished_jobs(conn: Connection | Engine, key: str | None = None) -> list[sa.Row[Any]]:
     """Jobs started and not finished (optionally only those of data key ``key``)."""
-    if not sa.inspect(conn).has_table(jobs_table.name):
+    inspector = sa.inspect(conn)
+    if not inspector.has_table(jobs_table.name):
         return []
-    q = sa.select(jobs_table).where(jobs_table.c.finished_at.is_(None))
+    j = jobs_table.c
+    columns: list[Any] = list(jobs_table.c)
+    if inspector.has_table(ranges_table.name):
+        # Rows done: those of finished ranges (in the job row) and those of the running ones.
+        r = ranges_table.c
+        running = (
+            sa.select(sa.func.coalesce(sa.func.sum(r.rows_done), 0))
+            .where(
+                r.table_schema == j.table_schema,
+                r.table_name == j.table_name,
+                r.column_name == j.column_name,
+                r.finished_at.is_(None),
+            )
+            .scalar_subquery()
+        )
+        columns[columns.index(j.rows_done)] = (j.rows_done + running).label("rows_done")
+    q = sa.select(*columns).where(jobs_table.c.finished_at.is_(None))
     if key is not None:
         q = q.where(jobs_table.c.key_name == key)
     if isinstance(conn, Engine):

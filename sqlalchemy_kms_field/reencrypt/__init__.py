@@ -30,9 +30,23 @@ The package, by concern:
 * ``records.py``: the job records (``kms_field_jobs``), start, resume, finish;
 * ``transform.py``: what a job does to one value, and which rows need it (SQL on the header);
 * ``sweep.py``: one sweep over a key range, batch by batch with its checkpoint;
-* ``statements.py``: dialect-specific statements (PostgreSQL's one-statement batch write).
+* ``batch.py``: a page of rows computed (new values, rows skipped, summarised once);
+* ``statements.py``: dialect-specific statements (PostgreSQL's one-statement batch write);
+* ``tables.py``, ``ranges.py``, ``workers.py``: the job's ranges, claimed by any number of
+  workers under leases kept alive by heartbeats; ``control.py``: one job per column, join,
+  pause, resume, cancel, forget, status; ``pacing.py``: holding back by the database's health.
 """
 
+from .control import (
+    JobCancelled,
+    JobConflictError,
+    JobStatus,
+    WorkerStatus,
+    cancel,
+    forget,
+    set_paused,
+    status,
+)
 from .job import (
     decrypt_column,
     encrypt_column,
@@ -40,18 +54,28 @@ from .job import (
     reindex_column,
     run_job,
 )
+from .pacing import Pacing
 from .records import JobResult, Operation, jobs_table, unfinished_jobs
 from .sweep import ProgressCallback
 
 __all__ = [
+    "JobCancelled",
+    "JobConflictError",
     "JobResult",
+    "JobStatus",
     "Operation",
+    "Pacing",
     "ProgressCallback",
+    "WorkerStatus",
+    "cancel",
     "decrypt_column",
     "encrypt_column",
+    "forget",
     "jobs_table",
     "reencrypt_column",
     "reindex_column",
     "run_job",
+    "set_paused",
+    "status",
     "unfinished_jobs",
 ]

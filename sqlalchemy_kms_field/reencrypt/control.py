@@ -299,13 +299,10 @@ def ended(engine: Engine, run: Run) -> bool:
 
 
 def close(conn: Connection, run: Run) -> None:
-    """The run is over (finished): its control, ranges and worker rows go."""
+    """The run is over (finished): its control and worker rows go. Its ranges stay (each with
+    when it finished, and its rows) until the next job of the column starts."""
     for table in (control_table, workers_table):
         conn.execute(sa.delete(table).where(*_where(table, run.ref)))
-    r = ranges_table.c
-    conn.execute(
-        sa.delete(ranges_table).where(*_where(ranges_table, run.ref), r.run_id == run.run_id)
-    )
 
 
 def leave(engine: Engine, run: Run, worker: str) -> None:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from ..census import ColumnRef
@@ -28,6 +29,10 @@ from .records import Operation, _job_where, _now, jobs_table
 from .sweep import _Job
 
 log = logging.getLogger(__name__)
+
+
+class _Finished(Exception):
+    """The job was finished by another worker while this one waited or held a stale range."""
 
 
 def worker_name() -> str:
@@ -57,7 +62,7 @@ class Worker:
         self.state = "starting"
         self.paused = False
         self.ended = False
-        self.lease_kept = True
+        self.lost: set[int] = set()  # ranges whose lease a heartbeat found taken over
         self._stop = threading.Event()
         job.gate = self.gate
         if pace is not None:
@@ -67,8 +72,8 @@ class Worker:
 
     def gate(self) -> None:
         if self.ended:
-            raise self._cancelled()
-        if not self.lease_kept:
+            raise self._over()
+        if self.range_no is not None and self.range_no in self.lost:
             raise LeaseLost(f"range {self.range_no} of {self.run_.ref}")
         state = self.state
         while self.paused and not self.ended:
@@ -76,13 +81,17 @@ class Worker:
             time.sleep(min(0.2, self.heartbeat))
         self.state = state
         if self.ended:
-            raise self._cancelled()
+            raise self._over()
         if self.pace is not None:
             self.pace.hold(alive=self._alive)
 
     def _alive(self) -> None:
         if self.ended:
-            raise self._cancelled()
+            raise self._over()
+
+    def _over(self) -> Exception:
+        """The run ended under this worker: finished by another worker, or cancelled."""
+        return _Finished() if self._job_finished() else self._cancelled()
 
     def _cancelled(self) -> JobCancelled:
         ref = self.run_.ref
@@ -112,16 +121,21 @@ class Worker:
     def _claim_loop(self) -> bool:
         ref, run = self.run_.ref, self.run_
         while True:
-            self.gate()
+            try:
+                self.gate()
+            except _Finished:
+                return False
             claim = ranges.claim(self.engine, ref, run.run_id, self.id, self.lease)
             if claim is None:
                 if control.ended(self.engine, run):
+                    if not self._job_finished():
+                        raise self._cancelled()
                     return False
                 self.state = "waiting"  # for the last ranges, or for a lease to pass
                 time.sleep(min(1.0, self.heartbeat))
                 continue
+            self.lost.discard(claim.range_no)
             self.range_no = claim.range_no
-            self.lease_kept = True
             try:
                 if claim.finishing:
                     self.state = "finishing"
@@ -133,6 +147,8 @@ class Worker:
                 with self.engine.begin() as conn:
                     row = ranges.finish(conn, ref, claim.range_no, self.id)
                     add_rows_done(conn, ref, run.operation, row)
+            except _Finished:
+                return False
             except LeaseLost:
                 log.warning(
                     "%s: worker %s lost its lease on range %d (another worker resumes it)",
@@ -143,12 +159,20 @@ class Worker:
             finally:
                 self.range_no = None
 
+    def _job_finished(self) -> bool:
+        with self.engine.connect() as conn:
+            q = sa.select(jobs_table.c.finished_at).where(
+                *_job_where(self.run_.ref, self.run_.operation)
+            )
+            return conn.execute(q).scalar_one_or_none() is not None
+
     def _beat(self) -> None:
         last_rows, last_time = 0, time.monotonic()
         while not self._stop.wait(self.heartbeat):
             result = self.job.result
             rows = result.rows_written + result.rows_conflicted
             now = time.monotonic()
+            holding = self.range_no  # (the range may finish while this beat runs)
             rate = (rows - last_rows) / max(now - last_time, 1e-6)
             last_rows, last_time = rows, now
             try:
@@ -156,7 +180,7 @@ class Worker:
                     self.engine,
                     self.run_,
                     self.id,
-                    range_no=self.range_no,
+                    range_no=holding,
                     rows_done=rows,
                     rate=rate,
                     state=(self.pace.state if self.pace else "") or self.state,
@@ -168,8 +192,8 @@ class Worker:
                 )
                 continue
             self.paused, self.ended = beat.paused, beat.ended
-            if self.range_no is not None and not beat.lease_kept:
-                self.lease_kept = False
+            if holding is not None and not beat.lease_kept and holding == self.range_no:
+                self.lost.add(holding)
 
 
 def add_rows_done(conn: Connection, ref: ColumnRef, operation: Operation, row: Any) -> None:

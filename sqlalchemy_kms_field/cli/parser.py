@@ -11,6 +11,8 @@ from ..scan import ALL_SCHEMAS
 from .app import App
 from .bootstrap import cmd_config, cmd_init_local, cmd_setup
 from .config import CONFIG_FILE, ENV, MASTER_KEY_SYNTAX, PROG
+from .job_control import add_commands as add_job_control_commands
+from .job_control import add_worker_options
 from .jobs import cmd_job, cmd_reindex
 from .keys import (
     cmd_keys_create,
@@ -192,6 +194,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
     group.add_argument("--key", metavar="NAME", help="index key name")
     _add_index_options(group)
     _add_job_options(p)
+    add_job_control_commands(add, commands, common)  # jobs status|pause|resume|cancel, forget
     return parser
 
 
@@ -356,6 +359,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip rows that fail to decrypt (listed at the end) instead of stopping",
     )
+    add_worker_options(p)  # --workers, --join, --lease, --max-lag (job_control.py)
 
 
 def _non_negative_int(text: str) -> int:

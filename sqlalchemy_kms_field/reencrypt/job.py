@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -60,6 +60,7 @@ def run_job(
     heartbeat_seconds: float | None = None,
     range_rows: int | None = None,
     pacing: Pacing | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
 
@@ -99,7 +100,8 @@ def run_job(
     (:class:`JobConflictError`). The call returns once the job is finished (by whichever
     worker took the finishing step). SQLite: one worker per job. ``pacing`` (a
     :class:`~sqlalchemy_kms_field.reencrypt.pacing.Pacing`) holds workers back while the
-    database's replication lag or batch latency is above a bound.
+    database's replication lag or batch latency is above a bound. ``on_start`` is called once
+    the job is started (others can join it from then on).
     """
     if batch_size < 1:
         raise ConfigurationError("batch_size must be at least 1")
@@ -209,6 +211,9 @@ def run_job(
         pk=pk,
         range_rows=range_rows or 25 * batch_size,
     )
+
+    if on_start is not None:
+        on_start()  # the job exists now: others may join it
 
     def new_job(result: JobResult) -> _Job:
         return _Job(

@@ -42,6 +42,10 @@ class JobConflictError(ReencryptionError):
     """Another job is under way on this column (join it, wait for it, or cancel it)."""
 
 
+class RunOver(JobConflictError):
+    """A worker was sent to join a run of a job that has since finished or been cancelled."""
+
+
 class JobCancelled(ReencryptionError):
     """The job was cancelled (``kms-field jobs cancel``) while this worker ran."""
 
@@ -120,6 +124,7 @@ def start(
     t: sa.Table,
     pk: list[sa.Column[Any]],
     range_rows: int,
+    run_id: str | None = None,
 ) -> Run:
     """Start the job, resume it, or join it (``join``); register ``workers`` in the same step.
 
@@ -132,7 +137,7 @@ def start(
         try:
             with engine.begin() as conn:
                 return _start_locked(
-                    conn, ref, operation, target, join, workers, lease, t, pk, range_rows
+                    conn, ref, operation, target, join, workers, lease, t, pk, range_rows, run_id
                 )
         except sa.exc.IntegrityError:  # two starts inserted the control row at once
             if attempt == 2:
@@ -151,6 +156,7 @@ def _start_locked(
     t: sa.Table,
     pk: list[sa.Column[Any]],
     range_rows: int,
+    run_id: str | None,
 ) -> Run:
     q = sa.select(control_table).where(*_where(control_table, ref))
     if conn.dialect.name != "sqlite":
@@ -169,6 +175,12 @@ def _start_locked(
         raise JobConflictError(
             f"a {ctl.operation} job is already running on {ref} ({len(live)} live worker"
             f"{'s' if len(live) != 1 else ''}): {how}",
+            table=ref.table,
+            column=ref.column,
+        )
+    if join and run_id is not None and (ctl is None or ctl.run_id != run_id):
+        raise RunOver(
+            f"the {operation} run {run_id} of {ref} is over (finished or cancelled)",
             table=ref.table,
             column=ref.column,
         )
@@ -194,7 +206,7 @@ def _start_locked(
             log.info("%s of %s: resuming its unfinished ranges", operation, ref)
     else:
         # A new run: the ranges of any earlier one go (its job row says what it did).
-        run_id = secrets.token_hex(8)
+        run_id = secrets.token_hex(8)  # (a join never gets here)
         for table in (ranges_table, workers_table, control_table):
             conn.execute(sa.delete(table).where(*_where(table, ref)))
         conn.execute(

@@ -61,6 +61,7 @@ def run_job(
     range_rows: int | None = None,
     pacing: Pacing | None = None,
     on_start: Callable[[], None] | None = None,
+    run_id: str | None = None,
 ) -> JobResult:
     """Rewrite every row of ``table.column`` that needs it; see the module docstring.
 
@@ -101,7 +102,9 @@ def run_job(
     worker took the finishing step). SQLite: one worker per job. ``pacing`` (a
     :class:`~sqlalchemy_kms_field.reencrypt.pacing.Pacing`) holds workers back while the
     database's replication lag or batch latency is above a bound. ``on_start`` is called once
-    the job is started (others can join it from then on).
+    the job is started (others can join it from then on). ``workers=0`` only starts (or
+    resumes) the job and returns: ``result.run_id`` names the run, which ``join=True`` with
+    ``run_id=`` then joins only while it lasts (:class:`RunOver` once it is over).
     """
     if batch_size < 1:
         raise ConfigurationError("batch_size must be at least 1")
@@ -210,7 +213,13 @@ def run_job(
         t=t,
         pk=pk,
         range_rows=range_rows or 25 * batch_size,
+        run_id=run_id if join else None,
     )
+    result.run_id = run.run_id
+    if workers == 0:
+        if on_start is not None:
+            on_start()
+        return result
 
     if on_start is not None:
         on_start()  # the job exists now: others may join it
@@ -322,8 +331,10 @@ def run_job(
 def _check_worker_options(
     engine: Engine, workers: int, join: bool, lease: float, range_rows: int | None
 ) -> None:
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ConfigurationError(f"workers={workers!r}: use a whole number, 1 or more")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigurationError(f"workers={workers!r}: use a whole number, 0 or more")
+    if workers == 0 and join:
+        raise ConfigurationError("workers=0 only starts the job: it cannot join one")
     if not lease > 0:
         raise ConfigurationError(f"lease_seconds={lease!r}: use a number of seconds above 0")
     if range_rows is not None and range_rows < 1:

@@ -44,6 +44,7 @@ class JobResult:
     skipped: list[Any] = field(default_factory=list)  # primary keys of undecryptable rows
     context: tuple[str, str] | None = None  # the (table, column) kf2 values are bound to
     codec: str | None = None  # given, or learnt from the column's kf2 values
+    run_id: str | None = None  # the run of the job (its ranges); see run_job(workers=0)
 
 
 def _now() -> datetime:

@@ -139,7 +139,9 @@ def server_cpu() -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick
+        # utime + stime, and cutime + cstime: the postmaster collects the CPU of the backends
+        # that ended (the workers' connections close before the second reading).
+        total += sum(int(x) for x in fields[11:15]) / tick
     return total
 
 
@@ -160,6 +162,7 @@ def baseline_child(url: str, lo: int, hi: int, worker: int, batch_size: int) -> 
     conn: Any = raw.driver_connection
     pg = engine.dialect.name == "postgresql"
     written, last = 0, lo - 1
+    started = time.time()
     cur = conn.cursor()
     with engine.begin() as c:
         c.execute(sa.text(f"INSERT INTO {CHECKPOINTS} VALUES (:w, NULL, 0)"), {"w": worker})
@@ -195,7 +198,7 @@ def baseline_child(url: str, lo: int, hi: int, worker: int, batch_size: int) -> 
         conn.commit()
         last = ids[-1]
     raw.close()
-    print(json.dumps({"written": written}))
+    print(json.dumps({"written": written, "started": started, "ended": time.time()}))
 
 
 def library_child(url: str, run_id: str, batch_size: int) -> None:
@@ -203,6 +206,7 @@ def library_child(url: str, run_id: str, batch_size: int) -> None:
     registry = configure(engine, base64.b64decode(os.environ[MASTER_VARIABLE]))
     registry.preload([KEY])
     before = peak_rss_reset()
+    started = time.time()
     result = kf.reencrypt_column(
         engine, TABLE, "email", key=KEY, batch_size=batch_size, join=True, run_id=run_id,
         codec="str",
@@ -214,6 +218,8 @@ def library_child(url: str, run_id: str, batch_size: int) -> None:
                 "conflicted": result.rows_conflicted,
                 "finished": result.finished,
                 "growth_kib": peak_rss() - before,
+                "started": started,
+                "ended": time.time(),
             }
         )
     )
@@ -291,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind in ("baseline", "library"):
             restore(engine)
             cpu_client, cpu_server = children_cpu(), server_cpu()
-            start = time.perf_counter()
+            planned = 0.0
             if kind == "baseline":
                 step = -(-args.rows // w)
                 procs = [
@@ -300,15 +306,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for k in range(w)
                 ]  # fmt: skip
             else:
+                began = time.perf_counter()
                 started = kf.reencrypt_column(
                     engine, TABLE, "email", key=KEY, batch_size=args.batch_size, workers=0,
                     codec="str", registry=registry,
                 )  # fmt: skip
-                procs = [
-                    spawn([*batch, "--library-child", str(started.run_id)], env) for _ in range(w)
-                ]
+                planned = time.perf_counter() - began
+                run = ["--library-child", str(started.run_id)]
+                procs = [spawn([*batch, *run], env) for _ in range(w)]
             reports = collect(procs)
-            seconds = time.perf_counter() - start
+            # From the first worker's start to the last one's end, interpreter start-up left
+            # out (for the library, the run started above, its ranges planned, is included).
+            seconds = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+            seconds += planned
             client, server = children_cpu() - cpu_client, server_cpu() - cpu_server
             check_all_moved(engine, args.rows)
             figures[kind] = {

@@ -358,3 +358,14 @@ def test_pacing_arguments_are_checked() -> None:
         Pacing(max_lag=0)
     with pytest.raises(ConfigurationError, match="needs max_lag"):
         Pacing(lag=lambda: 1.0)
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_the_database_reports_its_replication_lag(engine: sa.Engine) -> None:
+    """No replica here: the primary reports no lag (0), and a job paced by it runs."""
+    from sqlalchemy_kms_field.reencrypt.pacing import database_lag
+
+    assert database_lag(engine) == 0.0
+    gate = Pacing(max_lag=1.0).gate(engine)
+    gate.hold()
+    assert gate.state == ""

@@ -61,7 +61,7 @@ def add_worker_options(p: argparse.ArgumentParser) -> None:
         "--range-rows",
         type=_count,
         metavar="N",
-        help="rows per range that workers claim (default 25 batches)",
+        help="rows per range that workers claim (default 50 batches)",
     )
     group.add_argument(
         "--max-lag",

@@ -91,7 +91,7 @@ def run_job(
     30 seconds). ``skip_undecryptable`` records rows that fail to decrypt instead of stopping
     (one warning at the end gives their count and the first few).
 
-    Workers: the job is split into primary-key ranges of about ``range_rows`` rows (default 25
+    Workers: the job is split into primary-key ranges of about ``range_rows`` rows (default 50
     batches) recorded in the database. ``workers`` runs that many workers in threads of this
     process; ``join=True`` adds this process's workers to the job already under way on the
     column (another process or machine). Each worker holds its range under a lease of
@@ -212,7 +212,7 @@ def run_job(
         lease=lease_seconds,
         t=t,
         pk=pk,
-        range_rows=range_rows or 25 * batch_size,
+        range_rows=range_rows or 50 * batch_size,
         run_id=run_id if join else None,
     )
     result.run_id = run.run_id
@@ -246,13 +246,12 @@ def run_job(
         )
 
     def finish(worker: Worker, claim: Claim) -> None:
-        """The finishing step, once per job: sweep until the census finds no row left."""
+        """The finishing step, once per job: the census, and sweeps until it finds no row
+        left (rows written meanwhile under an old version, conflicts, skipped rows)."""
         job, result = worker.job, worker.job.result
-        deadline = None
+        result.sweeps += 1  # the ranges were the first pass over the table
+        deadline, swept = None, False
         while True:
-            job.sweep(claim, worker.id)
-            result.sweeps += 1  # passes over the whole table (the ranges make the first)
-            claim = Claim(FINISH, None, None)
             with engine.connect() as conn:
                 left = _count(conn, t, pending) - len(job._compute.skipped_set)
             result.remaining = max(left, 0)
@@ -263,7 +262,6 @@ def run_job(
                     if _wait_until_every_process_knows(registry, key, target.version, "writes"):
                         continue
                 break
-            # Rows written meanwhile under an old version (or conflicts): sweep again, bounded.
             now = time.monotonic()
             deadline = deadline or now + settle_timeout
             if now >= deadline:
@@ -274,8 +272,12 @@ def run_job(
                     table=str(ref.table),
                     column=ref.column,
                 )
-            log.info("%s of %s: %d rows left, sweeping again", operation, ref, left)
-            time.sleep(min(1.0, settle_timeout / 10))
+            if swept:
+                log.info("%s of %s: %d rows left, sweeping again", operation, ref, left)
+                time.sleep(min(1.0, settle_timeout / 10))
+            result.sweeps += 1
+            job.sweep(claim, worker.id)  # the whole table, after the step's own checkpoint
+            claim, swept = Claim(FINISH, None, None), True
         worker.gate()  # not if it was cancelled meanwhile
         with engine.begin() as conn:
             last = ranges.finish(conn, ref, FINISH, worker.id)

@@ -132,7 +132,7 @@ class Worker:
                         raise self._cancelled()
                     return False
                 self.state = "waiting"  # for the last ranges, or for a lease to pass
-                time.sleep(min(1.0, self.heartbeat))
+                time.sleep(min(0.2, self.heartbeat))
                 continue
             self.lost.discard(claim.range_no)
             self.range_no = claim.range_no

@@ -21,7 +21,8 @@ refilled from a copy, analyzed):
     runs until the last one returns (the finishing census included).
 
 Printed per W: seconds, rows/s, the ratio library/baseline at the same W, the speed-up over
-W = 1, CPU per row of the client processes (``RUSAGE_CHILDREN``) and of the database server
+W = 1, CPU per row of the client processes (each one's own during its job, start-up left out)
+and of the database server
 (every ``postgres`` or ``mariadbd`` process on this machine, from /proc: background writers
 included), and each worker's peak memory growth (``VmHWM`` reset after its set-up).
 """
@@ -32,7 +33,6 @@ import argparse
 import base64
 import json
 import os
-import resource
 import secrets
 import subprocess
 import sys
@@ -145,11 +145,6 @@ def server_cpu() -> float:
     return total
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
 # Children -----------------------------------------------------------------------------------
 
 
@@ -162,7 +157,7 @@ def baseline_child(url: str, lo: int, hi: int, worker: int, batch_size: int) -> 
     conn: Any = raw.driver_connection
     pg = engine.dialect.name == "postgresql"
     written, last = 0, lo - 1
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     cur = conn.cursor()
     with engine.begin() as c:
         c.execute(sa.text(f"INSERT INTO {CHECKPOINTS} VALUES (:w, NULL, 0)"), {"w": worker})
@@ -198,7 +193,8 @@ def baseline_child(url: str, lo: int, hi: int, worker: int, batch_size: int) -> 
         conn.commit()
         last = ids[-1]
     raw.close()
-    print(json.dumps({"written": written, "started": started, "ended": time.time()}))
+    ended, cpu = time.time(), time.process_time() - cpu
+    print(json.dumps({"written": written, "started": started, "ended": ended, "cpu": cpu}))
 
 
 def library_child(url: str, run_id: str, batch_size: int) -> None:
@@ -206,7 +202,7 @@ def library_child(url: str, run_id: str, batch_size: int) -> None:
     registry = configure(engine, base64.b64decode(os.environ[MASTER_VARIABLE]))
     registry.preload([KEY])
     before = peak_rss_reset()
-    started = time.time()
+    started, cpu = time.time(), time.process_time()
     result = kf.reencrypt_column(
         engine, TABLE, "email", key=KEY, batch_size=batch_size, join=True, run_id=run_id,
         codec="str",
@@ -220,6 +216,7 @@ def library_child(url: str, run_id: str, batch_size: int) -> None:
                 "growth_kib": peak_rss() - before,
                 "started": started,
                 "ended": time.time(),
+                "cpu": time.process_time() - cpu,
             }
         )
     )
@@ -296,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         figures: dict[str, Any] = {}
         for kind in ("baseline", "library"):
             restore(engine)
-            cpu_client, cpu_server = children_cpu(), server_cpu()
+            cpu_server = server_cpu()
             planned = 0.0
             if kind == "baseline":
                 step = -(-args.rows // w)
@@ -319,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # out (for the library, the run started above, its ranges planned, is included).
             seconds = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
             seconds += planned
-            client, server = children_cpu() - cpu_client, server_cpu() - cpu_server
+            # Client CPU: each worker's own, during its job (all its threads), start-up left out.
+            client, server = sum(r["cpu"] for r in reports), server_cpu() - cpu_server
             check_all_moved(engine, args.rows)
             figures[kind] = {
                 "seconds": seconds,

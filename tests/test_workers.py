@@ -369,3 +369,22 @@ def test_the_database_reports_its_replication_lag(engine: sa.Engine) -> None:
     gate = Pacing(max_lag=1.0).gate(engine)
     gate.hold()
     assert gate.state == ""
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_workers_in_threads_of_one_process_share_the_ranges(
+    engine: sa.Engine, key_file: Path
+) -> None:
+    rows = 6000
+    registry = setup_users(engine, key_file, rows, active_ttl=0.0)
+    registry.rotate_data_key("pii")
+    result = reencrypt_column(
+        engine, "users", "email", key="pii", registry=registry, workers=3, batch_size=100,
+        range_rows=300, rows_per_second=4000,
+    )  # fmt: skip
+    assert result.finished and result.rows_written == rows and result.sweeps >= 1
+    assert stored_versions(engine) == {2: rows}
+    ranges = range_rows(engine)
+    owners = {r.owner for r in ranges if r.range_no != FINISH}
+    assert len(ranges) == 22 and len(owners) == 3, "every thread took ranges"
+    assert all(r.finished_at is not None for r in ranges)

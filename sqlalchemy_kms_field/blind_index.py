@@ -406,5 +406,8 @@ def find(session: Any, attribute: Any, value: Any) -> list[Any]:
     return [r for r in rows if typ.matches(getattr(r, attribute.key), value)]
 
 
+# Alembic renders user types as "<module>.<repr>": make that the public, stable path.
+BlindIndex.__module__ = "sqlalchemy_kms_field"
+
 # Writes fill index columns: registers the hooks (imported last: it uses the names above).
 from . import blind_index_writes  # noqa: E402, F401

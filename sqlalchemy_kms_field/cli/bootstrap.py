@@ -51,7 +51,7 @@ def cmd_config(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_setup(app: App, args: argparse.Namespace) -> int:
-    engine = app.engine()
+    engine = app.engine(create=True)
     store = SqlKeyStore(engine)
     names = [store.table.name, census.columns_table.name, reencrypt.jobs_table.name]
     before = {n: sa.inspect(engine).has_table(n) for n in names}

@@ -14,12 +14,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import reencrypt
-from ..reencrypt.pacing import Pacing
-from .app import App
 from .errors import Refused, UsageError
+
+if TYPE_CHECKING:  # the parser imports this module: --help imports neither SQLAlchemy nor rich
+    from .app import App
 
 
 def _count(text: str) -> int:
@@ -83,6 +83,8 @@ def worker_options(args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError("--dry-run only counts rows: drop --workers and --join")
     if args.workers > 1 and args.join:
         raise UsageError("--join adds this process to a job; run several with --workers N alone")
+    from ..reencrypt.pacing import Pacing
+
     options: dict[str, Any] = {"join": args.join, "lease_seconds": args.lease}
     if args.range_rows is not None:
         options["range_rows"] = args.range_rows
@@ -197,6 +199,8 @@ def _column(args: argparse.Namespace) -> tuple[str | None, str, str]:
 
 
 def cmd_pause(app: App, args: argparse.Namespace) -> int:
+    from .. import reencrypt
+
     schema, table, column = _column(args)
     op = reencrypt.set_paused(app.engine(), table, column, True, schema=schema)
     app.say(f"{op} of {args.column}: paused (every worker holds within a heartbeat)")
@@ -204,6 +208,8 @@ def cmd_pause(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_resume(app: App, args: argparse.Namespace) -> int:
+    from .. import reencrypt
+
     schema, table, column = _column(args)
     op = reencrypt.set_paused(app.engine(), table, column, False, schema=schema)
     app.say(f"{op} of {args.column}: resumed")
@@ -211,6 +217,8 @@ def cmd_resume(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(app: App, args: argparse.Namespace) -> int:
+    from .. import reencrypt
+
     schema, table, column = _column(args)
     ops = reencrypt.cancel(app.engine(), table, column, schema=schema)
     app.say(
@@ -221,6 +229,8 @@ def cmd_cancel(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_forget(app: App, args: argparse.Namespace) -> int:
+    from .. import reencrypt
+
     schema, table, column = _column(args)
     key = reencrypt.forget(app.engine(), table, column, schema=schema, force=args.force)
     app.say(f"{args.column} is no longer a known encrypted column (it was under data key {key!r})")
@@ -228,6 +238,8 @@ def cmd_forget(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_status(app: App, args: argparse.Namespace) -> int:
+    from .. import reencrypt
+
     jobs = reencrypt.status(app.engine(), lease=args.lease)
     if not jobs:
         app.say("no job under way")

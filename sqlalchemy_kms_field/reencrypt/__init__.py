@@ -49,6 +49,7 @@ from .control import (
     status,
 )
 from .job import (
+    WAIT_LOG,
     decrypt_column,
     encrypt_column,
     reencrypt_column,
@@ -60,6 +61,7 @@ from .records import JobResult, Operation, jobs_table, unfinished_jobs
 from .sweep import ProgressCallback
 
 __all__ = [
+    "WAIT_LOG",
     "JobCancelled",
     "JobConflictError",
     "JobResult",

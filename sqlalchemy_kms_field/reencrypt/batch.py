@@ -75,8 +75,10 @@ class _Compute:
                 if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
                     raise ReencryptionError(
                         f"{self.operation} of {self.ref} stopped at the row with primary key "
-                        f"{_show_key(key)}: {exc}. Nothing of this batch was written; every "
-                        "row is readable; rerun to resume (or pass skip_undecryptable)",
+                        f"{_show_key(key)}: {exc}. Nothing of this batch was written and no row "
+                        "was changed; rerun to resume once that row is fixed, or pass "
+                        "skip_undecryptable=True (CLI --skip-undecryptable) to leave such rows "
+                        "as they are",
                         table=self.ref.table,
                         column=self.ref.column,
                         primary_key=key,

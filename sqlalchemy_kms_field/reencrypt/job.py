@@ -30,6 +30,9 @@ from .transform import _check_format_options, _Reindex, _Transform, _WithIndex
 from .workers import Worker, add_rows_done, run_workers, worker_name
 
 log = logging.getLogger(__name__)
+# The waits for other processes (active_ttl): shown by the command line and Alembic runs even
+# when the rest of the library's INFO is not.
+WAIT_LOG = logging.getLogger("sqlalchemy_kms_field.waits")
 
 
 def run_job(
@@ -375,10 +378,17 @@ def _wait_until_every_process_knows(
     wait = (ready - now).total_seconds()
     if wait <= 0:
         return False
-    log.info(
-        "waiting %.0f s (active_ttl) until every process %s with key %r version %d",
+    why = {
+        "writes": "may still write under a version older than %r version %d; the job "
+        "finishes after that",
+        "lookups": "may not look up index values under %r version %d yet; the reindex starts "
+        "after that",
+    }[what]
+    WAIT_LOG.info(
+        "waiting %.0f s (active_ttl %g s) for every process to re-read the key states: until "
+        "then one " + why,
         wait,
-        "does its " + what,
+        registry.active_ttl,
         key,
         version,
     )

@@ -142,8 +142,8 @@ class _Transform:
             f"context {table}.{column}{bound} with {tried}{why}: if the column type declares "
             "context=..., pass the same context= (CLI --context TABLE.COLUMN); if it declares "
             "bind_to=..., pass the same bind_to= (CLI --bind-to); pass the column's codec= "
-            "(CLI --codec) if it is known; if these values are damaged, pass codec= with "
-            "skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
+            "(CLI --codec) if it is known; if these values are damaged, pass codec= (CLI --codec) "
+            "with skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
         )
 
     def need_codec(self) -> str:

@@ -82,6 +82,9 @@ workers_table = sa.Table(
 )
 
 
+TABLES = (control_table, ranges_table, workers_table)
+
+
 def create_tables(conn: Connection | Engine) -> None:
     _metadata.create_all(conn, checkfirst=True)
 

@@ -36,7 +36,7 @@ columns_table = sa.Table(
     sa.Column("recorded_at", sa.DateTime, nullable=False),
 )
 
-# Checkpoints of re-encryption jobs (written by reencrypt.py, read by status).
+# Re-encryption jobs (written by the reencrypt package, read by status and key rotation).
 jobs_table = sa.Table(
     "kms_field_jobs",
     _metadata,

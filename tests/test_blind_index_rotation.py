@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import lifecycle
 from sqlalchemy_kms_field.census import ColumnRef
-from sqlalchemy_kms_field.reencrypt import jobs_table, reencrypt_column, reindex_column
+from sqlalchemy_kms_field.reencrypt import reencrypt_column, reindex_column
 from tests.helpers import (
     MASTER_KEY_B64,
     assert_no_secret,
@@ -33,6 +33,7 @@ from tests.helpers import (
     reset_global_registry,
     wait_for_orphaned_statements,
 )
+from tests.job_progress import job_progress
 from tests.test_blind_index import (
     INDEX_KEY,
     START,
@@ -79,15 +80,7 @@ def index_versions(registry: kf.KeyRegistry) -> list[tuple[int, str]]:
 
 def job_row(engine: sa.Engine) -> Any:
     with engine.connect() as conn:
-        if not sa.inspect(conn).has_table(jobs_table.name):
-            return None
-        return conn.execute(
-            sa.select(jobs_table).where(
-                jobs_table.c.table_name == "bidx_users",
-                jobs_table.c.column_name == "email_index",
-                jobs_table.c.operation == "reindex",
-            )
-        ).one_or_none()
+        return job_progress(conn, "bidx_users", "reindex", "email_index")
 
 
 def spot_check(engine: sa.Engine, rows: dict[int, str | None], start: int, size: int) -> None:

@@ -32,9 +32,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import envelope
 from sqlalchemy_kms_field.exc import ReencryptionError
-from sqlalchemy_kms_field.reencrypt import jobs_table, reencrypt_column
+from sqlalchemy_kms_field.reencrypt import reencrypt_column
 from sqlalchemy_kms_field.registry import data_key_context
 from tests.helpers import raises_kf, reset_global_registry, wait_for_orphaned_statements
+from tests.job_progress import job_progress
 from tests.kms_server import KmsServer
 from tests.legacy import kf1_text
 
@@ -248,13 +249,8 @@ def raw_rows(engine: sa.Engine) -> dict[int, str]:
 
 
 def job_row(engine: sa.Engine, operation: str = "reencrypt") -> Any:
-    j = jobs_table.c
     with engine.connect() as conn:
-        if not sa.inspect(conn).has_table(jobs_table.name):
-            return None
-        return conn.execute(
-            sa.select(jobs_table).where(j.table_name == "users", j.operation == operation)
-        ).one_or_none()
+        return job_progress(conn, "users", operation)
 
 
 def key_versions(engine: sa.Engine) -> list[tuple[int, str]]:
@@ -274,8 +270,6 @@ def wait_for_rows_done(
     engine: sa.Engine, at_least: int, process: subprocess.Popen[Any], log: Path
 ) -> None:
     """Poll the checkpoint of the job until rows_done >= at_least (the process must live on)."""
-    j = jobs_table.c
-    progress = sa.select(j.rows_done).where(j.table_name == "users", j.operation == "reencrypt")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -285,7 +279,8 @@ def wait_for_rows_done(
             )
         try:
             with engine.connect() as conn:
-                done = conn.execute(progress).scalar_one_or_none()
+                job = job_progress(conn, "users", "reencrypt")
+            done = None if job is None else job.rows_done
         except sa.exc.DBAPIError:  # the table does not exist yet, or SQLite is busy
             done = None
         if done is not None and done >= at_least:

@@ -21,13 +21,17 @@ from alembic.operations import Operations
 from sqlalchemy.dialects import mysql
 
 import sqlalchemy_kms_field as kf
-from sqlalchemy_kms_field import census, envelope, reencrypt
+from sqlalchemy_kms_field import census, envelope
 from sqlalchemy_kms_field.reencrypt import (
     decrypt_column,
     encrypt_column,
+    job,
     jobs_table,
     reencrypt_column,
+    sweep,
 )
+from sqlalchemy_kms_field.reencrypt import transform as transforms
+from sqlalchemy_kms_field.reencrypt.tables import FINISH, ranges_table
 from tests.helpers import (
     MASTER_KEY_B64,
     MASTER_KEY_BYTES,
@@ -225,13 +229,13 @@ class TransformSpy:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
-        real = reencrypt._Transform.many
+        real = transforms._Transform.many
 
-        def spy(transform: reencrypt._Transform, values: Any) -> Any:
+        def spy(transform: transforms._Transform, values: Any) -> Any:
             self.calls += len(values)
             return real(transform, values)
 
-        monkeypatch.setattr(reencrypt._Transform, "many", spy)
+        monkeypatch.setattr(transforms._Transform, "many", spy)
 
 
 # Re-encryption ----------------------------------------------------------------------------------
@@ -264,13 +268,13 @@ def test_reencrypt_moves_every_row_whatever_the_primary_key(
             sa.select(*pk).where(plain.c.email.is_not(None)).order_by(*pk).limit(4)
         ).all()[-1]
     starts: list[Any] = []
-    real_sweep = reencrypt._Job.sweep
+    real_sweep = sweep._Job.sweep
 
-    def spy(job: Any, last: Any) -> None:
-        starts.append(last)
-        real_sweep(job, last)
+    def spy(job: Any, claim: Any, owner: str) -> None:
+        starts.append(claim.start)
+        real_sweep(job, claim, owner)
 
-    monkeypatch.setattr(reencrypt._Job, "sweep", spy)
+    monkeypatch.setattr(sweep._Job, "sweep", spy)
     result = reencrypt_column(engine, "people", "email", key="pii", batch_size=4)
     assert starts[0] == tuple(fourth), "the rerun did not resume after the checkpoint"
     assert (result.rows_written, result.finished, result.remaining) == (
@@ -388,7 +392,16 @@ def test_a_crashed_job_resumes_from_its_checkpoint(
         )
     assert calls == [(3, 10), (6, 10)]
     row = job_row(engine, "people", "email", "reencrypt")
-    assert (row.rows_done, row.target_version, row.finished_at) == (6, 2, None)
+    assert (row.target_version, row.finished_at) == (2, None)
+    # The checkpoint lives on the job's range (ranges.py), committed with each batch.
+    with engine.connect() as conn:
+        r = ranges_table.c
+        done = conn.execute(
+            sa.select(sa.func.sum(r.rows_done), sa.func.count()).where(
+                r.table_name == "people", r.column_name == "email", r.range_no != FINISH
+            )
+        ).one()
+    assert tuple(done) == (6, 1)
     assert count_prefix(engine, t, "email", "kf2:pii:2:") == 6
     # On servers the job reads (and decrypts) one batch ahead while it writes the last one.
     read_ahead = 0 if engine.dialect.name == "sqlite" else 3
@@ -456,10 +469,10 @@ def test_a_row_changed_during_the_batch_is_not_overwritten(
     app_value = v1.encrypt_text(
         b"changed-by-the-app@example.com", envelope.encode_context("people", "email", "str")
     )
-    real = reencrypt._Transform.many
+    real = transforms._Transform.many
     changed: list[Any] = []
 
-    def transform_then_race(transform: reencrypt._Transform, values: Any) -> Any:
+    def transform_then_race(transform: transforms._Transform, values: Any) -> Any:
         out = real(transform, values)
         if stored in values and not changed:
             # After the job's SELECT of this batch, before its UPDATE: another connection commits.
@@ -472,7 +485,7 @@ def test_a_row_changed_during_the_batch_is_not_overwritten(
             changed.append(stored)
         return out
 
-    monkeypatch.setattr(reencrypt._Transform, "many", transform_then_race)
+    monkeypatch.setattr(transforms._Transform, "many", transform_then_race)
     result = reencrypt_column(engine, "people", "email", key="pii", batch_size=20, settle_timeout=5)
 
     assert changed, "the race was never staged"
@@ -857,7 +870,7 @@ def test_postgresql_writes_a_batch_in_one_statement_whatever_the_cursor(
     assert len(batch_writes) == 3 + 3  # 8 emails and 7 photos in batches of 3
     if cursor == "default":
         assert all(s.startswith("WITH moved AS (UPDATE") for s in batch_writes)
-        assert all("kms_field_jobs" in s and ")b::" in s for s in batch_writes)
+        assert all("kms_field_job_ranges" in s and ")b::" in s for s in batch_writes)
     else:
         assert all(s.startswith("UPDATE") and "CAST(CAST(" in s for s in batch_writes)
     assert (result.rows_written, photos.rows_written) == (NON_NULL_EMAILS, NON_NULL_PHOTOS)
@@ -1218,7 +1231,7 @@ def test_only_kf1_values_then_a_kf2_value_met_by_decrypt(
     """decrypt needs no codec for kf1 values; a kf2 value written meanwhile is learnt from."""
     v1 = registry.data_key("pii", 1)
     fill_docs(engine, {1: (kf1_text(v1, b"one"), None), 2: (kf1_text(v1, b"two"), None)})
-    monkeypatch.setattr(reencrypt, "_kf2_samples", lambda *args, **kwargs: [])
+    monkeypatch.setattr(job, "_kf2_samples", lambda *args, **kwargs: [])
     with engine.begin() as conn:
         conn.execute(
             docs_table(sa.MetaData()).insert(),

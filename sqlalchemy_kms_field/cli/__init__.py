@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     waits.setLevel(logging.INFO)
     app: App | None = None
     try:
+        args.argv = list(argv) if argv is not None else sys.argv[1:]  # for --workers N
         app = App(args, dict(os.environ), Path.cwd())
         status: int = args.handler(app, args)
         return status

@@ -53,10 +53,14 @@ def cmd_config(app: App, args: argparse.Namespace) -> int:
 def cmd_setup(app: App, args: argparse.Namespace) -> int:
     engine = app.engine(create=True)
     store = SqlKeyStore(engine)
+    from ..reencrypt import tables as job_tables
+
     names = [store.table.name, census.columns_table.name, reencrypt.jobs_table.name]
+    names += [t.name for t in job_tables.TABLES]  # where the workers of a job coordinate
     before = {n: sa.inspect(engine).has_table(n) for n in names}
     store.create_table()
     census.create_tables(engine)  # the jobs table too: reencrypt registers it in that metadata
+    job_tables.create_tables(engine)
     for n in names:
         app.say(f"{n}: {'already there' if before[n] else 'created'}")
     app.say(f"database {engine.url.render_as_string(hide_password=True)} is ready")

@@ -17,6 +17,7 @@ from ..registry import KeyRegistry
 from .app import App, key_kind
 from .config import ENV, PROG
 from .errors import UsageError
+from .job_control import Joiners, worker_options
 from .models import IndexFlags, choose_index, declared_index, indexes_of_source
 from .output import JobProgress
 
@@ -160,14 +161,23 @@ def _run(
         skip_undecryptable=args.skip_undecryptable,
         registry=registry,
     )
+    options.update(worker_options(args))
     engine = registry.key_store.engine
     if args.dry_run:
         result = reencrypt.run_job(engine, ref.table, ref.column, dry_run=True, **options)
         app.say(f"dry run: {result.remaining:,} rows of {ref} would be {goal}; nothing was written")
         return 0
     app.say(f"{operation} {ref}: rows will be {goal}")
-    with JobProgress(app, f"{operation} {ref}") as progress:
-        result = reencrypt.run_job(engine, ref.table, ref.column, progress=progress, **options)
+    crew = Joiners(app, args)
+    try:
+        with JobProgress(app, f"{operation} {ref}") as progress:
+            result = reencrypt.run_job(
+                engine, ref.table, ref.column, progress=progress, on_start=crew.start, **options
+            )
+    except BaseException:
+        crew.kill()
+        raise
+    crew.wait()
     state = "finished" if result.finished else "NOT finished: rerun to resume"
     app.say(f"{operation} {ref}: {state}")
     if result.context is not None and result.codec is not None:

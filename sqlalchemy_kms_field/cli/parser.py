@@ -23,6 +23,8 @@ from .handlers import (  # each imports its module when its command runs: --help
     cmd_setup,
     cmd_status,
 )
+from .job_control import add_commands as add_job_control_commands
+from .job_control import add_worker_options
 
 if TYPE_CHECKING:
     from .app import App
@@ -196,6 +198,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
     group.add_argument("--key", metavar="NAME", help="index key name")
     _add_index_options(group)
     _add_job_options(p)
+    add_job_control_commands(add, commands, common)  # jobs status|pause|resume|cancel, forget
     return parser
 
 
@@ -360,6 +363,7 @@ def _add_job_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="skip rows that fail to decrypt (listed at the end) instead of stopping",
     )
+    add_worker_options(p)  # --workers, --join, --lease, --max-lag (job_control.py)
 
 
 def _non_negative_int(text: str) -> int:

@@ -1,0 +1,301 @@
+"""One sweep over a key range: read pages by primary key, compute them, write each batch
+with compare-and-swap together with its checkpoint, retrying what the database rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..census import ColumnRef
+from ..exc import ReencryptionError
+from .batch import _Batch, _Compute
+from .ranges import Claim, LeaseLost, checkpoint_statement
+from .records import JobResult, Operation, _dump_key, _now
+from .statements import _PgUpdate, _plain_result
+
+log = logging.getLogger(__name__)
+
+
+ProgressCallback = Callable[[int, int], None]  # (rows done in this run, rows to do at start)
+T = TypeVar("T")
+
+
+class _Job:
+    def __init__(
+        self,
+        engine: Engine,
+        t: sa.Table,
+        ref: ColumnRef,
+        operation: Operation,
+        transform: Any,
+        pk: Sequence[sa.Column[Any]],
+        col: sa.Column[Any],
+        batch_size: int,
+        rows_per_second: float | None,
+        skip_undecryptable: bool,
+        progress: ProgressCallback | None,
+        todo: int,
+        result: JobResult,
+        source: sa.Column[Any] | None = None,
+        pending: sa.ColumnElement[bool] | None = None,
+        companion: sa.Column[Any] | None = None,
+        bound: Sequence[sa.Column[Any]] = (),
+    ) -> None:
+        # ``bound``: the columns a row-bound value is bound to, read (as text) after it.
+        self.bound = len(bound)
+        # ``companion``: a blind-index column written in the same UPDATE (encrypt with index);
+        # the transform then returns (new value, index value).
+        self.companion = companion
+        # ``source``: for reindex, the encrypted column the index column ``col`` is computed
+        # from; it is read with each row and must be unchanged when the row is written.
+        self.source = source
+        self.engine, self.t, self.ref, self.operation = engine, t, ref, operation
+        self.transform, self.pk, self.col = transform, pk, col
+        self.batch_size, self.rate = batch_size, rows_per_second
+        self.skip_undecryptable, self.progress, self.todo = skip_undecryptable, progress, todo
+        self.result = result
+        self._compute = _Compute(
+            ref,
+            operation,
+            transform,
+            len(pk),
+            result,
+            with_source=source is not None,
+            companion=companion is not None,
+            bound=len(bound),
+            skip_undecryptable=skip_undecryptable,
+        )
+        pk_expr = pk[0] if len(pk) == 1 else sa.tuple_(*pk)
+        reads: list[Any] = [col] if source is None else [col, source]
+        reads += [_bound_text(c) for c in bound]
+        if pending is None:
+            pending = transform.pending(col)
+        self.page = sa.select(*pk, *reads).where(pending).order_by(*pk).limit(batch_size)
+        # The pages after the first: the same statement every time (compiled once).
+        after = [sa.bindparam(f"last_{i}", type_=c.type) for i, c in enumerate(pk)]
+        self.next_page = self.page.where(
+            pk_expr > (after[0] if len(pk) == 1 else sa.tuple_(*after))
+        )
+        # The same within a range: up to its last key, inclusive.
+        upto = [sa.bindparam(f"upto_{i}", type_=c.type) for i, c in enumerate(pk)]
+        in_range = pk_expr <= (upto[0] if len(pk) == 1 else sa.tuple_(*upto))
+        self.page_upto = self.page.where(in_range)
+        self.next_page_upto = self.next_page.where(in_range)
+        # Called before each batch is written: pause, pacing, a lost lease or a cancelled job
+        # (set by the worker running this sweep; see workers.py).
+        self.gate: Callable[[], None] = lambda: None
+        self.paced: Callable[[int, float], None] = lambda rows, seconds: None
+        self.claim: Claim | None = None
+        self.owner = ""
+        # Rows straight from the driver's cursor where no column needs SQLAlchemy's result
+        # processing: building Row objects costs more than the driver's own fetch.
+        self.raw_rows = all(_plain_result(c.type, engine.dialect) for c in [*pk, *reads])
+        where = [c == sa.bindparam(f"pk_{i}", type_=c.type) for i, c in enumerate(pk)]
+        old = sa.bindparam("old_value", type_=col.type)
+        where.append(col == old if source is None else col.is_not_distinct_from(old))
+        if source is not None:
+            where.append(source == sa.bindparam("old_source", type_=source.type))
+        values = {col.name: sa.bindparam("new_value", type_=col.type)}
+        if companion is not None:
+            values[companion.name] = sa.bindparam("companion_value", type_=companion.type)
+        self.update = sa.update(t).where(*where).values(values)
+        # Read and compute batch k+1 in a thread while batch k is written (not on SQLite,
+        # where a reader on a second connection can hold up the writer's commit).
+        self.pipelined = engine.dialect.name != "sqlite"
+        self.checkpoint = checkpoint_statement(ref)
+        self.pg_update = (
+            _PgUpdate(engine, t, pk, col, source, companion, self.checkpoint)
+            if engine.dialect.name == "postgresql"
+            else None
+        )
+
+    def sweep(self, claim: Claim, owner: str) -> None:
+        """Every row to do in the range ``claim`` holds, after its checkpoint."""
+        self.claim, self.owner = claim, owner
+        last = claim.start
+        if not self.pipelined:
+            while True:
+                started = time.monotonic()
+                batch = self._read(last)
+                if batch is None:
+                    return
+                self._commit(batch)
+                self._pace(batch, started)
+                last = batch.last
+        # Three stages: a thread fetches the next pages (keyset paging needs only the last key
+        # of the page before), a thread decrypts and encrypts them (holding the GIL), and this
+        # thread writes and commits (the driver releases the GIL while the database works).
+        # Fetching ahead keeps the computing thread from waiting for the database; at most four
+        # pages are in memory. Batches are disjoint key ranges, every write is compare-and-swap
+        # and commits with its own checkpoint, so the overlap changes nothing.
+        pages: queue.Queue[Any] = queue.Queue(maxsize=1)
+        stop = threading.Event()
+
+        def hand_over(item: Any) -> None:
+            while not stop.is_set():
+                try:
+                    pages.put(item, timeout=0.1)
+                    return
+                except queue.Full:
+                    continue
+
+        def fetch_all(last: tuple[Any, ...] | None) -> None:
+            try:
+                while not stop.is_set():
+                    rows = self._fetch(last)
+                    hand_over(rows)
+                    if not rows:
+                        return
+                    last = tuple(rows[-1][: len(self.pk)])
+            except BaseException as exc:  # handed to this thread, which raises it
+                hand_over(exc)
+
+        with ThreadPoolExecutor(2, thread_name_prefix="kms-field") as pool:
+            pool.submit(fetch_all, last)
+            computing: Future[_Batch] | None = None
+            try:
+                while True:
+                    started = time.monotonic()
+                    rows = pages.get()
+                    if isinstance(rows, BaseException):
+                        raise rows
+                    upcoming = pool.submit(self._compute, rows) if rows else None
+                    if computing is not None:
+                        batch = computing.result()
+                        self._commit(batch)
+                        self._pace(batch, started)
+                    if upcoming is None:
+                        return
+                    computing = upcoming
+            finally:
+                stop.set()
+
+    def _pace(self, batch: _Batch, started: float) -> None:
+        if self.rate:
+            time.sleep(max(0.0, batch.count / self.rate - (time.monotonic() - started)))
+
+    def _read(self, last: tuple[Any, ...] | None) -> _Batch | None:
+        """The next page of rows to do after ``last``, computed; None when there is none."""
+        rows = self._fetch(last)
+        return self._compute(rows) if rows else None
+
+    def _fetch(self, last: tuple[Any, ...] | None) -> Sequence[Any]:
+        """The next page of rows to do after ``last`` (empty when there is none)."""
+        page, params = self.page, {}
+        if last is not None:
+            page, params = self.next_page, {f"last_{i}": v for i, v in enumerate(last)}
+        upto = self.claim.upto if self.claim is not None else None
+        if upto is not None:
+            page = self.page_upto if last is None else self.next_page_upto
+            params.update({f"upto_{i}": v for i, v in enumerate(upto)})
+
+        def read() -> Sequence[Any]:
+            with self.engine.connect() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    # No BEGIN and ROLLBACK round trips around the one SELECT (psycopg sends
+                    # both; with PyMySQL, switching autocommit would cost more than it saves).
+                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                result = conn.execute(page, params)
+                if not self.raw_rows:
+                    return result.all()
+                try:
+                    return list(result.cursor.fetchall())
+                finally:
+                    result.close()
+
+        return self._retrying(read)
+
+    def _commit(self, batch: _Batch) -> None:
+        """Write a batch and its checkpoint in one transaction."""
+        assert self.claim is not None, "a sweep runs in a range"
+        self.gate()
+        checkpoint = {
+            "last_key": _dump_key(batch.last),
+            "n": len(batch.rows),
+            "s": batch.skipped,
+            "now": _now(),
+            "cp_range": self.claim.range_no,
+            "cp_owner": self.owner,
+        }
+
+        def write() -> int:
+            with self.engine.connect() as conn:
+                pg = self.pg_update
+                if batch.rows and pg is not None and pg.single_statement(conn):
+                    # One statement is one transaction even in autocommit: rows and checkpoint.
+                    conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                    return pg.execute(conn, batch.columns(), checkpoint)
+                with conn.begin():
+                    written = self._write(conn, batch) if batch.rows else 0
+                    if conn.execute(self.checkpoint, checkpoint).rowcount != 1:
+                        # Another worker holds the range now: roll this batch back.
+                        raise LeaseLost(f"range {checkpoint['cp_range']} of {self.ref}")
+                return written
+
+        started = time.monotonic()
+        written = self._retrying(write)
+        self.paced(batch.count, time.monotonic() - started)
+        todo = len(batch.rows)
+        if written >= 0 and todo >= written:
+            # Drivers report the rows matched by the executemany; misses are conflicts.
+            self.result.rows_conflicted += todo - written
+            self.result.rows_written += written
+        else:
+            self.result.rows_written += todo
+        if self.progress:
+            self.progress(self.result.rows_written + self.result.rows_conflicted, self.todo)
+
+    def _retrying(self, attempt: Callable[[], T]) -> T:
+        for n in range(4):
+            try:
+                return attempt()
+            except sa.exc.StatementError as exc:
+                # The parameters hold old and new values (plaintext, for decrypt): never show them.
+                exc.hide_parameters = True
+                if not isinstance(exc, sa.exc.OperationalError):
+                    raise self._refused(exc) from (None if self.operation == "decrypt" else exc)
+                # Deadlock, serialization failure or lost connection: the batch rolled back.
+                if n == 3:
+                    raise ReencryptionError(
+                        f"{self.operation} of {self.ref} failed after retries: the database "
+                        f"said {type(exc.orig).__name__}; every row is intact, rerun to resume",
+                        table=self.ref.table,
+                        column=self.ref.column,
+                    ) from exc
+                time.sleep(0.1 * 2**n)
+        raise AssertionError("unreachable")
+
+    def _refused(self, exc: sa.exc.StatementError) -> ReencryptionError:
+        orig = exc.orig
+        code = getattr(orig, "sqlstate", None) or (getattr(orig, "args", None) or [None])[0]
+        # A database's message may quote the value (MariaDB does): for decrypt it would be
+        # plaintext, so only the error class and code are shown then.
+        said = type(orig).__name__ + (f" {code}" if code else "")
+        if self.operation != "decrypt":
+            said += f": {str(orig).strip().splitlines()[0] if str(orig).strip() else ''}"
+        return ReencryptionError(
+            f"{self.operation} of {self.ref}: the database refused a batch ({said}); nothing "
+            "of that batch was written, every row is intact; fix the cause (a column too "
+            "narrow for the new values?) and rerun to resume",
+            table=self.ref.table,
+            column=self.ref.column,
+        )
+
+    def _write(self, conn: Connection, batch: _Batch) -> int:
+        if self.pg_update is None:
+            return int(conn.execute(self.update, batch.params()).rowcount)
+        return self.pg_update.execute(conn, batch.columns())
+
+
+def _bound_text(column: sa.Column[Any]) -> sa.ColumnElement[str]:
+    """A bound column as text, exactly as the column types read it (row_binding)."""
+    return sa.func.coalesce(sa.cast(column, sa.String()), "")

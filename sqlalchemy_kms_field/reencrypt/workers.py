@@ -1,0 +1,227 @@
+"""A worker: claims ranges until none is left, keeps its lease alive with a heartbeat, obeys
+pause and cancel, and, if it is the one to take the finishing step, finishes the job.
+
+Any number of workers may run one job: threads of one process (``run_job(workers=N)``),
+processes (``kms-field reencrypt ... --workers N``), machines (``--join``), or Celery tasks
+(``sqlalchemy_kms_field.celery``). They coordinate through the job's tables only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from ..census import ColumnRef
+from . import control, ranges
+from .control import JobCancelled, Run
+from .pacing import Gate
+from .ranges import Claim, LeaseLost
+from .records import Operation, _job_where, _now, jobs_table
+from .sweep import _Job
+
+log = logging.getLogger(__name__)
+
+
+class _Finished(Exception):
+    """The job was finished by another worker while this one waited or held a stale range."""
+
+
+def worker_name() -> str:
+    """``host:pid:random``: unique, and says where to look for a worker that misbehaves."""
+    return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Worker:
+    """One worker of a run. :meth:`run` returns True if this worker finished the job."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        run: Run,
+        job: _Job,
+        finish: Callable[[Worker, Claim], None],
+        *,
+        name: str,
+        lease: float,
+        heartbeat: float,
+        pace: Gate | None = None,
+    ) -> None:
+        self.engine, self.run_, self.job, self.finish = engine, run, job, finish
+        self.id, self.lease, self.heartbeat = name, lease, heartbeat
+        self.pace = pace  # pacing by the database's health; may sleep (pacing.py)
+        self.range_no: int | None = None
+        self.state = "starting"
+        self.paused = False
+        self.ended = False
+        self.lost: set[int] = set()  # ranges whose lease a heartbeat found taken over
+        self._stop = threading.Event()
+        job.gate = self.gate
+        if pace is not None:
+            job.paced = pace.after
+
+    # Called by the sweep before each batch is written ------------------------------------
+
+    def gate(self) -> None:
+        if self.ended:
+            raise self._over()
+        if self.range_no is not None and self.range_no in self.lost:
+            raise LeaseLost(f"range {self.range_no} of {self.run_.ref}")
+        state = self.state
+        while self.paused and not self.ended:
+            self.state = "paused"
+            time.sleep(min(0.2, self.heartbeat))
+        self.state = state
+        if self.ended:
+            raise self._over()
+        if self.pace is not None:
+            self.pace.hold(alive=self._alive)
+
+    def _alive(self) -> None:
+        if self.ended:
+            raise self._over()
+
+    def _over(self) -> Exception:
+        """The run ended under this worker: finished by another worker, or cancelled."""
+        return _Finished() if self._job_finished() else self._cancelled()
+
+    def _cancelled(self) -> JobCancelled:
+        ref = self.run_.ref
+        return JobCancelled(
+            f"the {self.run_.operation} job of {ref} was cancelled; every row is readable "
+            "(rows already rewritten stay so)",
+            table=ref.table,
+            column=ref.column,
+        )
+
+    # The loop ------------------------------------------------------------------------------
+
+    def run(self) -> bool:
+        beating = threading.Thread(target=self._beat, name=f"kms-field-heartbeat-{self.id}")
+        beating.daemon = True
+        beating.start()
+        try:
+            return self._claim_loop()
+        finally:
+            self._stop.set()
+            beating.join(timeout=5 + self.heartbeat)
+            try:
+                control.leave(self.engine, self.run_, self.id)
+            except Exception:  # the database went away: the heartbeat simply stops
+                log.warning("%s: worker %s could not sign off", self.run_.ref, self.id)
+
+    def _claim_loop(self) -> bool:
+        ref, run = self.run_.ref, self.run_
+        while True:
+            try:
+                self.gate()
+            except _Finished:
+                return False
+            claim = ranges.claim(self.engine, ref, run.run_id, self.id, self.lease)
+            if claim is None:
+                if control.ended(self.engine, run):
+                    if not self._job_finished():
+                        raise self._cancelled()
+                    return False
+                self.state = "waiting"  # for the last ranges, or for a lease to pass
+                time.sleep(min(0.2, self.heartbeat))
+                continue
+            self.lost.discard(claim.range_no)
+            self.range_no = claim.range_no
+            try:
+                if claim.finishing:
+                    self.state = "finishing"
+                    self.finish(self, claim)
+                    return True
+                self.state = "working"
+                self.job.sweep(claim, self.id)
+                self.gate()
+                with self.engine.begin() as conn:
+                    row = ranges.finish(conn, ref, claim.range_no, self.id)
+                    add_rows_done(conn, ref, run.operation, row)
+            except _Finished:
+                return False
+            except LeaseLost:
+                log.warning(
+                    "%s: worker %s lost its lease on range %d (another worker resumes it)",
+                    ref,
+                    self.id,
+                    claim.range_no,
+                )
+            finally:
+                self.range_no = None
+
+    def _job_finished(self) -> bool:
+        with self.engine.connect() as conn:
+            q = sa.select(jobs_table.c.finished_at).where(
+                *_job_where(self.run_.ref, self.run_.operation)
+            )
+            return conn.execute(q).scalar_one_or_none() is not None
+
+    def _beat(self) -> None:
+        last_rows, last_time = 0, time.monotonic()
+        while not self._stop.wait(self.heartbeat):
+            result = self.job.result
+            rows = result.rows_written + result.rows_conflicted
+            now = time.monotonic()
+            holding = self.range_no  # (the range may finish while this beat runs)
+            rate = (rows - last_rows) / max(now - last_time, 1e-6)
+            last_rows, last_time = rows, now
+            try:
+                beat = control.beat(
+                    self.engine,
+                    self.run_,
+                    self.id,
+                    range_no=holding,
+                    rows_done=rows,
+                    rate=rate,
+                    state=(self.pace.state if self.pace else "") or self.state,
+                    lease=self.lease,
+                )
+            except Exception as exc:  # the lease may pass meanwhile; the checkpoints say so
+                log.warning(
+                    "%s: heartbeat of %s failed: %s", self.run_.ref, self.id, type(exc).__name__
+                )
+                continue
+            self.paused, self.ended = beat.paused, beat.ended
+            if holding is not None and not beat.lease_kept and holding == self.range_no:
+                self.lost.add(holding)
+
+
+def add_rows_done(conn: Connection, ref: ColumnRef, operation: Operation, row: Any) -> None:
+    """A finished range's rows, added to the job's record (``kms_field_jobs``)."""
+    conn.execute(
+        jobs_table.update()
+        .where(*_job_where(ref, operation))
+        .values(
+            rows_done=jobs_table.c.rows_done + row.rows_done,
+            rows_skipped=jobs_table.c.rows_skipped + row.rows_skipped,
+            updated_at=_now(),
+        )
+    )
+
+
+def run_workers(workers: list[Worker]) -> list[Any]:
+    """Run several workers in threads of this process; returns what each returned or raised."""
+    out: list[Any] = [None] * len(workers)
+
+    def one(i: int) -> None:
+        try:
+            out[i] = workers[i].run()
+        except BaseException as exc:  # handed back to the caller
+            out[i] = exc
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(workers))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return out

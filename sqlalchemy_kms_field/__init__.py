@@ -28,6 +28,13 @@ from .registry import (
     rotate_data_key,
     rotate_index_key,
 )
+from .tenants import (
+    configure_tenants,
+    create_tenant_table,
+    ensure_tenant_key,
+    rewrap_tenant_keys,
+    rotate_tenant_key,
+)
 from .types import Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText
 
 try:
@@ -67,15 +74,20 @@ __all__ = [
     "UnsupportedOperationError",
     "__version__",
     "configure",
+    "configure_tenants",
     "create_data_key",
     "create_index_key",
+    "create_tenant_table",
     "decrypt_column",
     "encrypt_column",
+    "ensure_tenant_key",
     "find",
     "get_registry",
     "preload",
     "reencrypt_column",
     "reindex_column",
+    "rewrap_tenant_keys",
     "rotate_data_key",
     "rotate_index_key",
+    "rotate_tenant_key",
 ]

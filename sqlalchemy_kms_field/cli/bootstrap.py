@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from .. import census, reencrypt
 from ..key_store import SqlKeyStore
 from ..master_keys import LocalMasterKey
+from ..tenants import tenant_table
 from .app import App
 from .config import ENV, PROG, shown_spec, shown_url
 from .output import add_row, new_table
@@ -53,9 +54,12 @@ def cmd_config(app: App, args: argparse.Namespace) -> int:
 def cmd_setup(app: App, args: argparse.Namespace) -> int:
     engine = app.engine()
     store = SqlKeyStore(engine)
+    tenant_keys = tenant_table(sa.MetaData())
     names = [store.table.name, census.columns_table.name, reencrypt.jobs_table.name]
+    names.append(tenant_keys.name)
     before = {n: sa.inspect(engine).has_table(n) for n in names}
     store.create_table()
+    tenant_keys.create(engine, checkfirst=True)
     census.create_tables(engine)  # the jobs table too: reencrypt registers it in that metadata
     for n in names:
         app.say(f"{n}: {'already there' if before[n] else 'created'}")

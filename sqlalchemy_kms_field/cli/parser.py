@@ -22,6 +22,7 @@ from .keys import (
     cmd_keys_shred,
 )
 from .status import cmd_status
+from .tenants import add_tenants_commands
 
 Handler = Callable[[App, argparse.Namespace], int]
 
@@ -117,7 +118,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = group.add_parser(
             name, help=help, description=help, parents=[common], aliases=list(aliases)
         )
-        prefix = "keys " if group is keys_commands else ""
+        prefix = "keys " if group is keys_commands else getattr(group, "_kf_prefix", "")
         p.set_defaults(handler=handler, label=f"{PROG} {prefix}{name}")
         return p
 
@@ -156,6 +157,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
     _add_keys_commands(add, keys_commands)
     init_local(keys_commands)  # also `keys init-local`, as the library's messages say
+    add_tenants_commands(commands, add, common, _duration, _add_scan_options)
 
     jobs = [
         ("reencrypt", "reencrypt", "move every row of TABLE.COLUMN to the active key version"),

@@ -1,0 +1,166 @@
+"""``kms-field tenants``: the keys of tenants (a data key per tenant): list, rewrap, erase,
+restore."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import sqlalchemy as sa
+
+from .. import tenant_erasure
+from ..lifecycle import DESTROY_GRACE_PERIOD
+from ..tenants import TenantKeyring
+from .app import App
+from .errors import Refused
+from .output import ScanDisplay
+
+Handler = Callable[[App, argparse.Namespace], int]
+
+
+def add_tenants_commands(
+    commands: Any,
+    add: Callable[..., argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    duration: Callable[[str], float],
+    scan_options: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """The ``tenants`` command group (called by the parser)."""
+    group = commands.add_parser(
+        "tenants", help="tenant keys: list, rewrap, erase, restore", parents=[common]
+    )
+    sub = group.add_subparsers(dest="tenants_command", metavar="TENANTS_COMMAND", required=True)
+    sub._kf_prefix = "tenants "  # the commands' labels in messages: `kms-field tenants erase`
+    p = add(sub, "list", cmd_tenants_list, "every tenant key version under data key KEY")
+    p.add_argument("key", metavar="KEY", help="the data key the tenant keys are wrapped by")
+    p = add(
+        sub,
+        "rewrap",
+        cmd_tenants_rewrap,
+        "rewrap every tenant key under KEY's active version (after `keys rotate KEY`); no "
+        "value row is touched",
+    )
+    p.add_argument("key", metavar="KEY")
+    p = add(
+        sub,
+        "erase",
+        cmd_tenants_erase,
+        "erase one tenant: show the census of its rows, then retire its keys (unreadable in "
+        "every process); run again after the grace period to destroy them for good",
+    )
+    p.add_argument("key", metavar="KEY", help="the data key named by the column's key=")
+    p.add_argument("tenant", metavar="TENANT", help="the tenant id, as its column holds it")
+    p.add_argument(
+        "--yes-erase",
+        action="store_true",
+        help="confirm without being asked: the tenant's values become unreadable",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=duration,
+        default=DESTROY_GRACE_PERIOD,
+        metavar="TIME",
+        help="how long the keys stay retired (and restorable) before they can be destroyed, "
+        "on the database's clock (default 3d)",
+    )
+    p.add_argument(
+        "--skip-grace-period",
+        action="store_true",
+        help="DANGER: destroy the keys now, with no time to restore them",
+    )
+    scan_options(p)
+    p = add(
+        sub,
+        "restore",
+        cmd_tenants_restore,
+        "undo an erasure whose keys are retired but not yet destroyed",
+    )
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("tenant", metavar="TENANT")
+
+
+def _keyring(app: App, *, master: bool) -> TenantKeyring:
+    keyring = TenantKeyring(app.registry(master=master))
+    if not sa.inspect(keyring.engine).has_table(keyring.table.name):
+        raise Refused(f"there is no tenant key table {keyring.table.name!r}: run `kms-field setup`")
+    return keyring
+
+
+def cmd_tenants_list(app: App, args: argparse.Namespace) -> int:
+    versions = _keyring(app, master=False).versions(args.key)
+    for v in versions:
+        wrapped = "-" if v.wrapped_by is None else f"{args.key} v{v.wrapped_by}"
+        app.say(
+            f"{v.tenant:<16} {v.key_name:<24} v{v.version:<3} {v.state:<9} wrapped by {wrapped}"
+        )
+    app.say(f"{len({v.key_name for v in versions})} tenants, {len(versions)} key versions")
+    return 0
+
+
+def cmd_tenants_rewrap(app: App, args: argparse.Namespace) -> int:
+    keyring = _keyring(app, master=True)
+    done = keyring.rewrap(args.key)
+    active = keyring.registry.active_key(args.key).version
+    app.say(f"{done} tenant key versions rewrapped under {args.key!r} version {active}")
+    return 0
+
+
+def cmd_tenants_erase(app: App, args: argparse.Namespace) -> int:
+    keyring = _keyring(app, master=False)
+    label = f"census of tenant {args.tenant!r} of {args.key!r}"
+    with ScanDisplay(app, label) as display:
+        census = tenant_erasure.tenant_census(
+            args.key, args.tenant, schemas=args.schema or (), progress=display, keyring=keyring
+        )
+    states = ", ".join(f"v{v.version} {v.state}" for v in census.versions)
+    app.say(f"tenant {census.tenant!r} of data key {args.key!r}: key {census.key_name} ({states})")
+    for found in sorted(census.found, key=lambda f: f.column):
+        app.say(f"  {found.column.table}.{found.column.column}: {found.rows} rows")
+    app.say(f"  {census.rows} rows in {len(census.found)} columns will become unreadable")
+    if all(v.state == "destroyed" for v in census.versions):
+        app.say("already erased: its key versions are destroyed")
+        return 0
+    if not args.yes_erase and not _confirmed(app, census.tenant):
+        raise Refused("not confirmed: nothing changed (pass --yes-erase to confirm)")
+    if args.skip_grace_period:
+        app.say("WARNING: --skip-grace-period: the keys are destroyed now, with no undo")
+    done = tenant_erasure.erase_tenant(
+        args.key,
+        args.tenant,
+        confirm=True,
+        grace_period=args.grace_period,
+        skip_grace_period=args.skip_grace_period,
+        schemas=args.schema or (),
+        keyring=keyring,
+    )
+    if done.stage == "retired":
+        app.say(
+            f"retired: every process refuses tenant {done.tenant!r} within active_ttl; "
+            f"`kms-field tenants restore {args.key} {args.tenant}` undoes it until "
+            f"{done.destroy_after:%Y-%m-%d %H:%M:%S} UTC (database clock); run this command "
+            "again after that to destroy the keys for good"
+        )
+        return 0
+    app.say(
+        f"erased: the key versions of tenant {done.tenant!r} are destroyed; its values can "
+        "never be decrypted again from this database. Copies of the tenant key table "
+        f"(backups, replicas, logs) still hold them wrapped by {args.key!r}: rotate it, "
+        f"`kms-field tenants rewrap {args.key}`, retire and destroy the old version, then "
+        "`kms-field keys shred` the old master key to make those copies useless"
+    )
+    return 0
+
+
+def cmd_tenants_restore(app: App, args: argparse.Namespace) -> int:
+    tenant_erasure.restore_tenant(args.key, args.tenant, keyring=_keyring(app, master=False))
+    app.say(f"tenant {args.tenant!r} of data key {args.key!r} restored: its keys are usable again")
+    return 0
+
+
+def _confirmed(app: App, tenant: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    app.say(f"Type the tenant id ({tenant}) to erase it: ")
+    return sys.stdin.readline().strip() == tenant

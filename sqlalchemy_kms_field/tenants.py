@@ -27,7 +27,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -246,6 +246,18 @@ class TenantKeyring:
             generated = self._create(name, base, tenant)
             rows = self._rows(name)
         self.stats.loads += 1
+        return self._entry_from(base, name, rows, started, generated)
+
+    def _entry_from(
+        self,
+        base: str,
+        name: str,
+        rows: Sequence[Any],
+        started: float,
+        generated: bytes | None = None,
+    ) -> _Entry:
+        """The cache entry of ``rows``; ``generated``: the version 1 this process just stored,
+        which must unwrap again to the same bytes before anything is written under it."""
         keys: dict[int, DataKey] = {}
         states: dict[int, str] = {}
         active: DataKey | None = None
@@ -257,8 +269,11 @@ class TenantKeyring:
             if state not in (KeyState.ACTIVE, KeyState.READABLE):
                 continue
             raw = self._unwrap(base, name, version, str(row.wrapped_key))
-            if generated is not None and version == 1 and not hmac.compare_digest(raw, generated):
-                generated = None  # another process won the race: its key is the one (fine)
+            if version == 1 and generated is not None and not hmac.compare_digest(raw, generated):
+                raise KeyStateError(
+                    f"tenant key {name!r} version 1 did not verify: the stored wrapped key does "
+                    "not unwrap to the generated key"
+                )
             keys[version] = DataKey(name, version, raw)
             if state == KeyState.ACTIVE and (active is None or version > active.version):
                 active = keys[version]
@@ -295,9 +310,9 @@ class TenantKeyring:
         intermediate = self.registry.active_key(base)
         return intermediate.encrypt_text(raw, wrap_context(self.table.name, name, version))
 
-    def _create(self, name: str, base: str, tenant: str) -> bytes:
-        """Version 1 of a new tenant's key. The primary key decides a race: the loser's insert
-        fails, and it uses the winner's key (read back by the caller)."""
+    def _create(self, name: str, base: str, tenant: str) -> bytes | None:
+        """Version 1 of a new tenant's key (its bytes), or None if another process's insert won
+        the race (decided by the primary key): the caller reads the winner's key back."""
         raw = os.urandom(envelope.KEY_SIZE)
         wrapped = self._wrap(base, name, 1, raw)
         try:
@@ -314,7 +329,7 @@ class TenantKeyring:
                     )
                 )
         except sa.exc.IntegrityError:
-            return raw  # the winner's row is read back; this key was never used
+            return None  # the winner's row is read back; this key was never used
         except sa.exc.OperationalError as exc:
             if self.engine.dialect.name != "sqlite" or "locked" not in str(exc.orig):
                 raise
@@ -344,6 +359,46 @@ class TenantKeyring:
             state = entry.states.get(version, "missing")
             return f"cannot {action}: {who} has no usable key version {version} ({state})"
         return f"cannot {action}: {who} has no active key version"
+
+    def preload(self, base: str, *, limit: int | None = None, batch_size: int = 10_000) -> int:
+        """Unwrap the keys of up to ``limit`` (default ``max_keys``) tenants of ``base`` now, a
+        batch of rows per query (at start-up, so that first requests do not wait)."""
+        limit = self.max_keys if limit is None else min(limit, self.max_keys)
+        t = self.table
+        rows_by_name: dict[str, list[Any]] = {}
+        last: str | None = None
+        loaded = 0
+        while loaded < limit:
+            q = (
+                sa.select(t.c.key_name, t.c.version, t.c.wrapped_key, t.c.state, t.c.retired_at)
+                .where(t.c.base == base)
+                .order_by(t.c.key_name, t.c.version)
+                .limit(batch_size)
+            )
+            if last is not None:
+                q = q.where(t.c.key_name > last)
+            with self.engine.connect() as conn:
+                rows = conn.execute(q).all()
+            if not rows:
+                break
+            if len(rows) == batch_size:  # the last name may continue in the next batch
+                rows = [r for r in rows if r.key_name != rows[-1].key_name] or rows
+            rows_by_name.clear()
+            for r in rows:
+                rows_by_name.setdefault(r.key_name, []).append(r)
+            for name, versions in rows_by_name.items():
+                if loaded >= limit:
+                    break
+                entry = self._entry_from(base, name, versions, time.monotonic())
+                with self._lock:
+                    self._cache[name] = entry
+                    self._cache.move_to_end(name)
+                    while len(self._cache) > self.max_keys:
+                        self._cache.popitem(last=False)
+                        self.stats.evicted += 1
+                loaded += 1
+            last = rows[-1].key_name
+        return loaded
 
     # Administration -------------------------------------------------------------------------
 
@@ -575,3 +630,64 @@ def _include_tenant(mapper: Any, connection: Any, target: Any) -> None:
     for value_key, tenant_key in pairs:
         if state.attrs[value_key].history.has_changes():
             sa.orm.attributes.flag_modified(target, tenant_key)
+
+
+def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) -> Any:
+    """The read path of a tenant column bound to its tenant alone, without the general path's
+    layers per value: the decrypter of each tenant's key version last read is kept (with the
+    cache entry it came from, so that an expired or reloaded entry, an erasure say, sends the
+    value back to the general path). Anything unusual takes the general path, which raises
+    the errors."""
+    from .row_binding import SEP
+
+    deserialize = typ._deserializer()
+    base = typ.key
+    # tenant text -> (cache entry, tenant key name, header, decrypter); at most max_keys.
+    seen: dict[str, tuple[_Entry, str, str, Callable[[str], bytes]]] = {}
+
+    def learn(stored: str, tenant: str) -> None:
+        keyring = get_keyring()
+        name = tenant_key_name(base, tenant)
+        found = envelope.parse(stored)
+        if found is None or found[1] != name:
+            return
+        key = keyring.key(base, tenant, name, found[2])
+        entry = keyring._cache.get(name)
+        if entry is None or entry.keys.get(found[2]) is not key:
+            return
+        if len(seen) >= keyring.max_keys:
+            seen.clear()
+        seen[tenant] = (
+            entry,
+            name,
+            key.header,
+            key.text_decrypter(typ.row_context([(typ.tenant or "", tenant)])),
+        )
+
+    def process(value: Any) -> Any:
+        if value.__class__ is str:
+            stored, sep, tenant = value.rpartition(SEP)
+            if sep:
+                hit = seen.get(tenant)
+                if hit is None:
+                    try:
+                        learn(stored, tenant)
+                    except Exception:  # noqa: S110 - the general path raises it, plaintext-free
+                        pass
+                    hit = seen.get(tenant)
+                if hit is not None and stored.startswith(hit[2]):
+                    keyring = get_keyring()  # (configure() may have replaced it)
+                    entry = hit[0]
+                    if (
+                        keyring._cache.get(hit[1]) is entry
+                        and time.monotonic() - entry.loaded_at < keyring.max_age
+                    ):
+                        try:
+                            return deserialize(hit[3](stored))
+                        except Exception:  # noqa: S110 - the general path raises, plaintext-free
+                            pass
+                    else:
+                        seen.pop(tenant, None)
+        return general(value)
+
+    return process

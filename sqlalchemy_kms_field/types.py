@@ -419,6 +419,9 @@ class _EncryptedType(TypeDecorator[T]):
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         general = super().result_processor(dialect, coltype)
+        if general is not None and self.tenant is not None and self.bind_to == (self.tenant,):
+            if not self._impl_processes(dialect, "result", coltype):
+                return tenants.result_processor(self, general)
         if general is None or self._binary or self.bind_to:
             return general
         if self._impl_processes(dialect, "result", coltype):

@@ -96,6 +96,7 @@ def test_one_kms_call_per_intermediate_version_whatever_the_tenants(setup) -> No
     fresh_process(engine, kms, key_id)
     kms.reset_counts()
     assert len(read_all(engine)) == 3 * (TENANTS + 5)
+    assert {k.wrapped_by for k in tenants.get_keyring().versions("pii")} == {1, 2}
     assert kms.counts["Decrypt"] == 2  # v1 and v2, never one per tenant
 
     # Rewrap moves every tenant key to v2: O(tenants), not one value row touched.

@@ -4,7 +4,8 @@
 
 Reads every row of ``notes`` row by row, over and over (a local master key from
 KMS_FIELD_LOCAL_MASTER_KEY, active_ttl 0.5 s), until STOP_FILE exists; prints one JSON line per
-pass: {"t": wall clock, "ok": {tenant: rows read}, "errors": {tenant: first error text}}.
+pass: {"start"/"t": wall clock at its start and end, "ok": {tenant: rows read},
+"errors": {tenant: first error text}}.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main() -> None:
     with engine.connect() as conn:
         ids = [(r.id, r.tenant_id) for r in conn.execute(sa.select(notes.c.id, notes.c.tenant_id))]
     while not stop.exists():
+        started = time.time()
         ok: dict[int, int] = {}
         errors: dict[int, str] = {}
         with engine.connect() as conn:
@@ -48,7 +50,9 @@ def main() -> None:
                     ok[tenant] = ok.get(tenant, 0) + 1
                 except kf.KmsFieldError as exc:
                     errors.setdefault(tenant, f"{type(exc).__name__}: {exc}")
-        print(json.dumps({"t": time.time(), "ok": ok, "errors": errors}), flush=True)
+        print(
+            json.dumps({"start": started, "t": time.time(), "ok": ok, "errors": errors}), flush=True
+        )
         time.sleep(0.05)
 
 

@@ -34,6 +34,7 @@ from .tenants import (
     ensure_tenant_key,
     rewrap_tenant_keys,
     rotate_tenant_key,
+    tenant_match,
 )
 from .types import Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText
 
@@ -90,4 +91,5 @@ __all__ = [
     "rotate_data_key",
     "rotate_index_key",
     "rotate_tenant_key",
+    "tenant_match",
 ]

@@ -691,3 +691,28 @@ def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) ->
         return general(value)
 
     return process
+
+
+def tenant_match(attribute: Any, value: Any, *, tenant: object) -> sa.ColumnElement[bool]:
+    """``tenant_id = :tenant AND email_index IN (...)``: rows of ``tenant`` whose encrypted
+    ``attribute`` equals ``value`` (or one of a list of values), through a blind index declared
+    with ``tenant=``. Index values of the same value under two tenants differ, so a lookup
+    never finds another tenant's row, and a unique constraint on (tenant, index) is per tenant.
+    """
+    from .blind_index import BlindIndex, index_for, index_table
+
+    index = index_for(attribute)
+    if index is None:
+        raise ConfigurationError(f"{attribute} has no BlindIndex column")
+    typ = index.type
+    assert isinstance(typ, BlindIndex)
+    if typ.tenant is None:
+        raise ConfigurationError(
+            f"blind index {index.key!r} is not scoped to a tenant: compare with == instead"
+        )
+    if tenant is None:
+        raise ConfigurationError("tenant_match needs the tenant (tenant=...)")
+    values = list(value) if isinstance(value, list | tuple | set) else [value]
+    where = index_table(index)
+    hashes = sorted({h for v in values if v is not None for h in typ.candidates(v, where, tenant)})
+    return sa.and_(index.table.c[typ.tenant] == tenant, index.in_(hashes))

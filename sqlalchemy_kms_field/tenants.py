@@ -525,8 +525,8 @@ _keyring_lock = threading.Lock()
 def configure_tenants(
     *, max_keys: int = 100_000, max_age: float | None = None, table_name: str = TABLE_NAME
 ) -> TenantKeyring:
-    """Set the tenant-key cache bounds: at most ``max_keys`` tenants' keys in memory (least
-    recently used dropped first), each re-read after ``max_age`` seconds (default and at most
+    """Set the tenant-key cache bounds: at most ``max_keys`` tenants' keys in memory (the one
+    loaded longest ago dropped first), each re-read after ``max_age`` seconds (default and at most
     the registry's ``active_ttl``). Optional; call after :func:`configure`."""
     global _keyring
     with _keyring_lock:

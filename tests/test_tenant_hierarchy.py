@@ -132,7 +132,7 @@ def test_the_cache_is_bounded_in_entries_and_age(setup) -> None:  # type: ignore
     keyring = tenants.get_keyring()
     kms.reset_counts()
     assert len(read_all(engine)) == 3 * TENANTS
-    assert len(keyring) == 10  # the 10 most recent tenants only
+    assert len(keyring) == 10  # the 10 tenants loaded last only
     assert keyring.stats.evicted == TENANTS - 10
     loads = keyring.stats.loads
     assert len(read_all(engine)) == 3 * TENANTS  # evicted tenants are read again from the table

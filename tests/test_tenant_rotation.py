@@ -140,3 +140,42 @@ def test_rotating_every_tenant_in_one_job(db: sa.Engine) -> None:
         plain = sa.Table("plain", sa.MetaData(), sa.Column("id", sa.Integer, primary_key=True),
                          sa.Column("v", kf.EncryptedText(key="pii")))  # fmt: skip
         reencrypt_tenant(plain, "v", 42)
+
+
+NOTES_MODELS = """\
+import sqlalchemy as sa
+import sqlalchemy_kms_field as kf
+
+metadata = sa.MetaData()
+notes = sa.Table(
+    "notes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("tenant_id", sa.Integer, nullable=False),
+    sa.Column("body", kf.EncryptedText(key="pii", tenant="tenant_id")),
+)
+"""
+
+
+def test_the_command_rotates_named_tenants_or_all(
+    db: sa.Engine, db_url: str, tmp_path: Path
+) -> None:
+    from tests.test_cli import Cli, clean_environment
+
+    (tmp_path / "notes_models.py").write_text(NOTES_MODELS, encoding="utf-8")
+    key_file = tmp_path / "master.b64"
+    cli = Cli(
+        tmp_path,
+        {**clean_environment(), "KMS_FIELD_DATABASE_URL": db_url, "KMS_FIELD_ACTIVE_TTL": "0",
+         "KMS_FIELD_MASTER_KEY": "local-env:KF_TEST_MASTER", "KF_TEST_MASTER": MASTER_KEY_B64,
+         "KMS_FIELD_MODELS": "notes_models:metadata", "PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    del key_file
+    other = raw(db, 43)
+    out = cli("tenants", "rotate", "pii", "42").stdout
+    assert f"tenant '42': key version 2, {ROWS} rows re-encrypted (notes.body)" in out
+    assert on_version(db, 42, 2) == ROWS and raw(db, 43) == other
+    out = cli("tenants", "rotate", "pii", "--all").stdout
+    assert "tenant '42': key version 3" in out and "tenant '43': key version 2, 10 rows" in out
+    assert values(db, 42) == {i: f"{i}-0" for i in range(1, ROWS + 1)}
+    cli("tenants", "rotate", "pii", code=2)  # neither tenants nor --all

@@ -14,7 +14,7 @@ from .. import tenant_erasure
 from ..lifecycle import DESTROY_GRACE_PERIOD
 from ..tenants import TenantKeyring
 from .app import App
-from .errors import Refused
+from .errors import Refused, UsageError
 from .output import ScanDisplay
 
 Handler = Callable[[App, argparse.Namespace], int]
@@ -43,6 +43,17 @@ def add_tenants_commands(
         "value row is touched",
     )
     p.add_argument("key", metavar="KEY")
+    p = add(
+        sub,
+        "rotate",
+        cmd_tenants_rotate,
+        "a new key version for each TENANT (or --all), then re-encrypt that tenant's rows of "
+        "every column of the models (KMS_FIELD_MODELS) declared with key=KEY and tenant=",
+    )
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("tenants", metavar="TENANT", nargs="*")
+    p.add_argument("--all", action="store_true", help="every tenant with an active key")
+    p.add_argument("--batch-size", type=int, default=1000, metavar="N")
     p = add(
         sub,
         "erase",
@@ -105,6 +116,59 @@ def cmd_tenants_rewrap(app: App, args: argparse.Namespace) -> int:
     active = keyring.registry.active_key(args.key).version
     app.say(f"{done} tenant key versions rewrapped under {args.key!r} version {active}")
     return 0
+
+
+def cmd_tenants_rotate(app: App, args: argparse.Namespace) -> int:
+    from ..tenant_rotation import reencrypt_tenant
+
+    metadata = app.metadata()
+    if metadata is None:
+        raise UsageError(
+            "`kms-field tenants rotate` re-encrypts the columns your models declare with "
+            "tenant=: set KMS_FIELD_MODELS (or --models) to package.module:Base"
+        )
+    columns = [
+        (table, column.name)
+        for table in metadata.tables.values()
+        for column in table.c
+        if getattr(column.type, "tenant", None) is not None
+        and getattr(column.type, "key", None) == args.key
+    ]
+    if not columns:
+        raise Refused(f"the models declare no column with key={args.key!r} and tenant=")
+    keyring = _keyring(app, master=True)
+    if args.all == bool(args.tenants):
+        raise UsageError("name the tenants to rotate, or pass --all (not both)")
+    chosen = args.tenants or sorted(
+        {v.tenant for v in keyring.versions(args.key) if v.state == "active"}
+    )
+    for tenant in chosen:
+        version = keyring.rotate(args.key, tenant).version
+        rows = 0
+        for table, column in columns:
+            typ: Any = table.c[column].type
+            value = _as_column_value(table.c[typ.tenant], tenant)
+            job = reencrypt_tenant(
+                table, column, value, batch_size=args.batch_size, keyring=keyring
+            )
+            rows += job.rows
+        where = ", ".join(f"{t.name}.{c}" for t, c in columns)
+        app.say(f"tenant {tenant!r}: key version {version}, {rows} rows re-encrypted ({where})")
+    return 0
+
+
+def _as_column_value(column: sa.Column[Any], text: str) -> Any:
+    """The tenant id typed on the command line, as the tenant column's Python type."""
+    try:
+        python_type = column.type.python_type
+    except NotImplementedError:
+        return text
+    if python_type is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise UsageError(f"tenant {text!r}: {column.name} holds integers") from None
+    return text
 
 
 def cmd_tenants_erase(app: App, args: argparse.Namespace) -> int:

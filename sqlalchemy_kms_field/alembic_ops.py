@@ -39,11 +39,14 @@ from .exc import ConfigurationError
 from .lifecycle import rewrap_data_keys
 from .reencrypt import Operation, run_job, unfinished_jobs
 from .registry import get_registry
+from .tenants import tenant_table
 
 log = logging.getLogger(__name__)
 
 
-LIBRARY_TABLES = frozenset({"kms_field_keys", "kms_field_jobs", "kms_field_columns"})
+LIBRARY_TABLES = frozenset(
+    {"kms_field_keys", "kms_field_jobs", "kms_field_columns", "kms_field_tenant_keys"}
+)
 
 
 def render_item(type_: str, obj: Any, autogen_context: Any) -> Literal[False]:
@@ -73,7 +76,8 @@ def _online(operations: Operations, what: str) -> None:
 
 @Operations.register_operation("create_key_store")
 class CreateKeyStoreOp(MigrateOperation):
-    """Create the tables the library uses: wrapped data keys, job checkpoints, known columns."""
+    """Create the tables the library uses: wrapped data keys, job checkpoints, known columns,
+    tenant keys."""
 
     @classmethod
     def create_key_store(cls, operations: Operations) -> Any:
@@ -87,6 +91,7 @@ def _create_key_store(operations: Operations, operation: CreateKeyStoreOp) -> No
     registry = get_registry()
     registry.key_store.metadata.create_all(bind, checkfirst=True)
     census.create_tables(bind)
+    tenant_table(sa.MetaData(schema=registry.key_store.table.schema)).create(bind, checkfirst=True)
 
 
 class _KeyOp(MigrateOperation):

@@ -151,3 +151,10 @@ def test_the_cache_is_bounded_in_entries_and_age(setup) -> None:  # type: ignore
     assert kms.counts["Decrypt"] == 2  # one per fresh process: the intermediate key
     with pytest.raises(kf.ConfigurationError, match="max_keys"):
         kf.configure_tenants(max_keys=0)
+
+
+def test_autogenerate_never_proposes_to_drop_the_tenant_keys() -> None:
+    from sqlalchemy_kms_field.alembic_ops import include_object
+
+    assert not include_object(None, "kms_field_tenant_keys", "table", True, None)
+    assert include_object(None, "someone_elses_table", "table", True, None)

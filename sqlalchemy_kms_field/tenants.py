@@ -172,6 +172,8 @@ class TenantKeyring:
         self.table = tenant_table(sa.MetaData(schema=registry.key_store.table.schema), table_name)
         self.stats = CacheStats()
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
+        # (column type, tenant text) -> (entry, key name, encrypter): see seal()
+        self._writers: dict[tuple[Any, str], tuple[_Entry, str, Callable[[bytes], str]]] = {}
         self._lock = threading.Lock()
         self._stripes = [threading.Lock() for _ in range(_STRIPES)]
 
@@ -215,6 +217,7 @@ class TenantKeyring:
     def forget(self) -> None:
         with self._lock:
             self._cache.clear()
+            self._writers.clear()
 
     def _entry(
         self, name: str, base: str, tenant: str, *, create: bool, force: bool = False
@@ -576,6 +579,32 @@ def rewrap_tenant_keys(key: str, *, batch_size: int = 1000) -> int:
 def write_key(typ: _EncryptedType[Any], row: list[tuple[str, str]]) -> DataKey:
     tenant = _tenant_text(typ, row)
     return get_keyring().active_key(typ.key, tenant)
+
+
+def seal(typ: _EncryptedType[Any], data: bytes, row: list[tuple[str, str]]) -> str:
+    """The stored value of ``data`` in ``row`` of a tenant column. For a column bound to its
+    tenant alone, the encrypter of each tenant's active key is kept with the cache entry it came
+    from (as the read path does), so a value costs no context encoding or key-name work."""
+    keyring = get_keyring()
+    if typ.bind_to != (typ.tenant,):
+        return write_key(typ, row).encrypt_text(data, typ.row_context(row), typ.pad)
+    tenant = row[0][1]
+    cached = keyring._writers.get((typ, tenant))
+    if cached is not None:
+        entry, name, encrypt = cached
+        if (
+            keyring._cache.get(name) is entry
+            and time.monotonic() - entry.loaded_at < keyring.max_age
+        ):
+            return encrypt(data)
+    key = write_key(typ, row)
+    entry_now = keyring._cache.get(key.name)
+    encrypt = key.text_encrypter(typ.row_context(row), typ.pad)
+    if entry_now is not None and entry_now.active is key:
+        if len(keyring._writers) >= keyring.max_keys:
+            keyring._writers.clear()
+        keyring._writers[(typ, tenant)] = (entry_now, key.name, encrypt)
+    return encrypt(data)
 
 
 def read_key(

@@ -243,9 +243,8 @@ class _EncryptedType(TypeDecorator[T]):
         self._check_bind_to()
         data = self._serialize(value)
         if self.tenant is not None:
-            key = tenants.write_key(self, row)
-        else:
-            key = get_registry().active_key(self.key)
+            return tenants.seal(self, data, row)
+        key = get_registry().active_key(self.key)
         return key.encrypt_text(data, self.row_context(row), self.pad)
 
     def _check_bind_to(self) -> None:

@@ -130,7 +130,11 @@ def test_erasure_reaches_a_second_process_within_active_ttl(
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, env=env, text=True,
     )  # fmt: skip
     try:
-        time.sleep(1.5)  # it reads both tenants, and caches their keys
+        ready = stop.with_suffix(".ready")
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # it has read both tenants, and cached their keys
         erasing_at = time.time()
         erase_tenant("pii", 42, confirm=True, skip_grace_period=True)
         erased_at = time.time()  # (the census scan before the retirement takes a while)

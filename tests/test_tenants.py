@@ -269,3 +269,18 @@ def test_concurrent_first_writes_of_one_tenant_make_one_key(
     assert len(values) == processes * rows
     expected = {i * 1000 + j: f"{i}-{j}@acme.test" for i in range(processes) for j in range(rows)}
     assert values == expected
+
+
+def test_tenant_ids_that_differ_in_case_or_hold_any_text_get_keys_of_their_own(
+    db: sa.Engine,
+) -> None:
+    names = ["Acme Corp", "acme corp", "ACME-corp", "été.ß/x"]
+    for i, tenant in enumerate(names, 1):
+        kf.ensure_tenant_key("pii", tenant)
+        with db.begin() as conn:
+            conn.execute(accounts.insert(), {"id": i, "tenant_id": tenant, "email": f"{i}@x.test"})
+    assert read_all(db) == {i: f"{i}@x.test" for i in range(1, len(names) + 1)}
+    headers = {stored(db, i).split(":")[1] for i in range(1, len(names) + 1)}
+    assert len(headers) == len(names)  # four keys, none shared on a case-blind collation
+    assert all(h.startswith("pii.h.") for h in headers)
+    assert {v.tenant for v in tenants.get_keyring().versions("pii")} == set(names)

@@ -284,3 +284,37 @@ def test_tenant_ids_that_differ_in_case_or_hold_any_text_get_keys_of_their_own(
     assert len(headers) == len(names)  # four keys, none shared on a case-blind collation
     assert all(h.startswith("pii.h.") for h in headers)
     assert {v.tenant for v in tenants.get_keyring().versions("pii")} == set(names)
+
+
+def test_no_tenant_key_or_plaintext_in_errors_reprs_or_logs(
+    db: sa.Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from tests.helpers import secret_spellings
+
+    caplog.set_level(logging.DEBUG)
+    secret = "victim-secret@x.test"
+    kf.ensure_tenant_key("pii", 43)  # (SQLite: not inside the transaction below)
+    with db.begin() as conn:
+        conn.execute(accounts.insert(), {"id": 1, "tenant_id": "42", "email": secret})
+        conn.execute(accounts.insert(), {"id": 2, "tenant_id": "43", "email": "other@x.test"})
+    keyring = tenants.get_keyring()
+    [row] = keyring._rows("pii.t.42")
+    raw = keyring._unwrap("pii", "pii.t.42", 1, row.wrapped_key)
+    texts = [repr(keyring), repr(keyring._cache), repr(keyring.versions("pii"))]
+    with db.begin() as conn:
+        conn.execute(sa.text("UPDATE accounts SET email = :v WHERE id = 2"), {"v": stored(db, 1)})
+    with Session(db) as session, pytest.raises(kf.DecryptionError) as moved:
+        session.get(Account, 2)
+    texts.append(str(moved.value))
+    from sqlalchemy_kms_field.tenant_erasure import erase_tenant
+
+    erase_tenant("pii", 42, confirm=True, skip_grace_period=True)
+    with Session(db) as session, pytest.raises(kf.DecryptionError) as erased:
+        session.get(Account, 1)
+    texts += [str(erased.value), repr(erased.value.__cause__), caplog.text]
+    text = "\n".join(texts)
+    assert secret not in text
+    for spelling in secret_spellings(raw):
+        assert spelling not in text

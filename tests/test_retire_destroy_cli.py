@@ -257,5 +257,5 @@ def test_scan_progress_bar_on_a_terminal(
     output = b"".join(chunks).decode("utf-8", "replace")
     assert "\x1b[" in output  # drawn for a terminal
     assert "tables" in output
-    assert "scanned 44 tables" in output  # 40, cli_users and the 3 tables of kms-field setup
+    assert "scanned 45 tables" in output  # 40, cli_users and the 4 tables of kms-field setup
     assert "retired data key 'pii' version 1" in output

@@ -6,6 +6,7 @@ stays readable with its last written value, a rerun finishes, no other tenant's 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -179,3 +180,39 @@ def test_the_command_rotates_named_tenants_or_all(
     assert "tenant '42': key version 3" in out and "tenant '43': key version 2, 10 rows" in out
     assert values(db, 42) == {i: f"{i}-0" for i in range(1, ROWS + 1)}
     cli("tenants", "rotate", "pii", code=2)  # neither tenants nor --all
+
+
+def test_the_job_outwaits_a_process_still_writing_under_the_old_version(
+    db: sa.Engine, db_url: str, tmp_path: Path
+) -> None:
+    ttl = 3.0  # longer than the 2 s margin, so that only the wait for active_ttl covers it
+    kf.get_registry().active_ttl = ttl  # the job's active_ttl is the application's
+    tenants.configure_tenants()
+    ready, stop, out = tmp_path / "ready", tmp_path / "stop", tmp_path / "out.json"
+    env = {"KMS_FIELD_LOCAL_MASTER_KEY": MASTER_KEY_B64, "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": str(ROOT)}  # fmt: skip
+    script = str(ROOT / "tests/scripts/tenant_app_writer.py")
+    writer = subprocess.Popen(
+        [sys.executable, script, db_url, str(ttl), str(ROWS), str(ready), str(stop), str(out)],
+        stderr=subprocess.PIPE, cwd=ROOT, env=env, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready.exists(), "the writer did not start"
+        rotated = time.monotonic()
+        kf.rotate_tenant_key("pii", 42)  # the writer goes on under version 1 for up to ttl
+        job = reencrypt_tenant(notes, "body", 42, batch_size=8)
+        took = time.monotonic() - rotated
+    finally:
+        stop.touch()
+        _, err = writer.communicate(timeout=60)
+    assert writer.returncode == 0, err
+    report = json.loads(out.read_text())
+    assert took >= ttl + 2  # it waited for every process to have moved to version 2
+    assert job.version == 2
+    assert on_version(db, 42, 2) == ROWS  # nothing left behind on version 1
+    expected = {i: f"{i}-0" for i in range(1, ROWS + 1)}
+    expected.update({int(k): v for k, v in report["last"].items()})
+    assert values(db, 42) == expected

@@ -153,16 +153,20 @@ def reencrypt_tenant(
 def reencrypt_tenants(
     table: sa.Table, column: str, tenants: Iterable[object], **options: Any
 ) -> list[TenantJob]:
-    """Rotate each tenant's key and move its rows: "all tenants in one job" (one after another;
-    a rerun resumes with the rows still pending; rotate only the tenants not yet done)."""
+    """Rotate each tenant's key, then move each tenant's rows: "all tenants in one job".
+
+    Every key is rotated first, so that the wait for processes still writing under an old
+    version (``max_age`` after each rotation) runs once for all, not once per tenant. A rerun
+    resumes with the rows still pending (rotate only the tenants not rotated yet: a second
+    rotation would start their rows over).
+    """
     from .tenants import rotate_tenant_key
 
     typ: Any = table.c[column].type
-    jobs = []
-    for tenant in tenants:
+    chosen = list(tenants)
+    for tenant in chosen:
         rotate_tenant_key(typ.key, tenant)
-        jobs.append(reencrypt_tenant(table, column, tenant, **options))
-    return jobs
+    return [reencrypt_tenant(table, column, tenant, **options) for tenant in chosen]
 
 
 def _rewrite(

@@ -133,8 +133,17 @@ def test_a_tenants_rotation_survives_sigkill_and_a_concurrent_writer(
 def test_rotating_every_tenant_in_one_job(db: sa.Engine) -> None:
     kf.get_registry().active_ttl = 0
     tenants.configure_tenants(max_age=0)
-    jobs = reencrypt_tenants(notes, "body", [42, 43], batch_size=7)
-    assert [(j.tenant, j.version, j.rows) for j in jobs] == [("42", 2, ROWS), ("43", 2, 10)]
+    more = range(44, 48)
+    for tenant in more:
+        kf.ensure_tenant_key("pii", tenant)
+        with db.begin() as conn:
+            conn.execute(notes.insert(), {"id": tenant * 100, "tenant_id": tenant, "body": "x"})
+    started = time.monotonic()
+    jobs = reencrypt_tenants(notes, "body", [42, 43, *more], batch_size=7)
+    # Every key rotated first: one wait of (max_age + 2 s) for all, not one per tenant (12 s).
+    assert time.monotonic() - started < 8
+    assert [(j.tenant, j.version, j.rows) for j in jobs[:2]] == [("42", 2, ROWS), ("43", 2, 10)]
+    assert all(on_version(db, t, 2) == 1 for t in more)
     assert on_version(db, 42, 2) == ROWS and on_version(db, 43, 2) == 10
     assert values(db, 43) == {i: f"{i}-0" for i in range(1001, 1011)}
     with pytest.raises(kf.ConfigurationError, match="tenant="):

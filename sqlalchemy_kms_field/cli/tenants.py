@@ -142,8 +142,11 @@ def cmd_tenants_rotate(app: App, args: argparse.Namespace) -> int:
     chosen = args.tenants or sorted(
         {v.tenant for v in keyring.versions(args.key) if v.state == "active"}
     )
+    # Every key first: the wait for processes still writing under an old version then runs
+    # once for all tenants, not once per tenant.
+    versions = {tenant: keyring.rotate(args.key, tenant).version for tenant in chosen}
     for tenant in chosen:
-        version = keyring.rotate(args.key, tenant).version
+        version = versions[tenant]
         rows = 0
         for table, column in columns:
             typ: Any = table.c[column].type

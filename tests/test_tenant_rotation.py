@@ -189,6 +189,16 @@ def test_the_command_rotates_named_tenants_or_all(
     assert "tenant '42': key version 3" in out and "tenant '43': key version 2, 10 rows" in out
     assert values(db, 42) == {i: f"{i}-0" for i in range(1, ROWS + 1)}
     cli("tenants", "rotate", "pii", code=2)  # neither tenants nor --all
+    # The intermediate key's rotation, then every tenant key rewrapped: no value row touched.
+    before = {**raw(db, 42), **raw(db, 43)}
+    cli("keys", "rotate", "pii")
+    out = cli("tenants", "rewrap", "pii").stdout
+    assert "5 tenant key versions rewrapped under 'pii' version 2" in out
+    assert {**raw(db, 42), **raw(db, 43)} == before
+    tenants.get_keyring().forget()
+    assert values(db, 42) == {i: f"{i}-0" for i in range(1, ROWS + 1)}
+    listed = cli("tenants", "list", "pii").stdout
+    assert "2 tenants, 5 key versions" in listed
 
 
 def test_the_job_outwaits_a_process_still_writing_under_the_old_version(

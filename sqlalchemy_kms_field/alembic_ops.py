@@ -1,7 +1,7 @@
 """Alembic operations for data keys and column re-encryption.
 
-Import this module in ``env.py`` (``import sqlalchemy_kms_field.alembic_ops``) and configure the
-registry there (``sqlalchemy_kms_field.configure(...)``); then, in a migration::
+``env.py`` sets them up with :func:`sqlalchemy_kms_field.alembic_env.run_migrations` (or imports
+this module and calls ``sqlalchemy_kms_field.configure(...)`` itself); then, in a migration::
 
     def upgrade():
         op.rotate_data_key("pii")
@@ -17,16 +17,25 @@ does not rotate again on that rerun while a re-encryption to the active version 
 
 Offline ``--sql`` mode is refused: re-encryption needs Python, not SQL.
 
-For autogenerate, pass the two hooks of this module to ``context.configure`` in ``env.py``:
+For autogenerate, pass the hooks of this module to ``context.configure`` in ``env.py``:
 ``render_item=render_item`` (adds ``import sqlalchemy_kms_field`` to migrations that use our
-column types) and ``include_object=include_object`` (keeps autogenerate from proposing to drop
-the library's own tables, which hold the wrapped keys).
+column types), ``include_object=include_object`` (keeps autogenerate from proposing to drop
+the library's own tables, which hold the wrapped keys) and
+``process_revision_directives=process_revision_directives`` (a plaintext column turned into an
+encrypted one gets its ``op.encrypt_column`` step). :mod:`sqlalchemy_kms_field.alembic_env`
+does all of this, and the configuration, in one call.
+
+Progress (one line every few seconds) and waits are logged through Alembic's own logger
+(``alembic.kms_field``), which Alembic's default ``alembic.ini`` shows at INFO.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -36,12 +45,16 @@ from alembic.operations import MigrateOperation, Operations
 from . import census
 from .blind_index import BlindIndex
 from .exc import ConfigurationError
+from .key_store import LIFECYCLE_COLUMNS, SqlKeyStore
 from .lifecycle import rewrap_data_keys
-from .reencrypt import Operation, run_job, unfinished_jobs
-from .registry import get_registry
+from .reencrypt import WAIT_LOG, Operation, run_job, unfinished_jobs
+from .registry import KeyRegistry, get_registry
 from .tenants import tenant_table
 
 log = logging.getLogger(__name__)
+# What a migration shows while it works: Alembic's default alembic.ini prints INFO of "alembic".
+progress_log = logging.getLogger("alembic.kms_field")
+PROGRESS_EVERY = 5.0  # seconds between two progress lines of a column job
 
 
 LIBRARY_TABLES = frozenset(
@@ -66,6 +79,30 @@ def include_object(
     return not (type_ == "table" and reflected and compare_to is None and name in LIBRARY_TABLES)
 
 
+_why_not_configured: str | None = None
+
+
+def not_configured_because(reason: str | None) -> None:
+    """Remember why ``env.py`` left the library unconfigured, for the operations' error."""
+    global _why_not_configured
+    _why_not_configured = reason
+
+
+def _registry(what: str) -> KeyRegistry:
+    """The configured registry, or an error saying how ``env.py`` configures it."""
+    try:
+        return get_registry()
+    except ConfigurationError:
+        because = f" ({_why_not_configured})" if _why_not_configured else ""
+        raise ConfigurationError(
+            f"op.{what}() needs sqlalchemy_kms_field configured in env.py{because}: call "
+            "sqlalchemy_kms_field.alembic_env.run_migrations(context, target_metadata=...) "
+            "there (it configures from KMS_FIELD_DATABASE_URL and KMS_FIELD_MASTER_KEY, as "
+            "kms-field does), or sqlalchemy_kms_field.configure(master_key=..., key_store=...) "
+            "before context.run_migrations()"
+        ) from None
+
+
 def _online(operations: Operations, what: str) -> None:
     if operations.get_context().as_sql:
         raise ConfigurationError(
@@ -88,10 +125,20 @@ class CreateKeyStoreOp(MigrateOperation):
 def _create_key_store(operations: Operations, operation: CreateKeyStoreOp) -> None:
     _online(operations, "create_key_store")
     bind = operations.get_bind()
-    registry = get_registry()
-    registry.key_store.metadata.create_all(bind, checkfirst=True)
+    try:
+        store = get_registry().key_store
+    except ConfigurationError:  # creating tables needs no master key: the default table
+        store = SqlKeyStore(bind.engine)
+    store.metadata.create_all(bind, checkfirst=True)
     census.create_tables(bind)
-    tenant_table(sa.MetaData(schema=registry.key_store.table.schema)).create(bind, checkfirst=True)
+    tenant_table(sa.MetaData(schema=store.table.schema)).create(bind, checkfirst=True)
+    # A key table made by an earlier release lacks the lifecycle columns: add them, as
+    # SqlKeyStore.create_table() does (on the store's own connection, hence committed first).
+    t = store.table
+    present = {c["name"] for c in sa.inspect(bind).get_columns(t.name, t.schema)}
+    if not set(LIFECYCLE_COLUMNS) <= present:
+        with operations.get_context().autocommit_block():
+            store.upgrade()
 
 
 class _KeyOp(MigrateOperation):
@@ -106,7 +153,7 @@ class _KeyOp(MigrateOperation):
 
 def _run_key_op(operations: Operations, op: _KeyOp) -> None:
     _online(operations, f"{op.action}_{op.kind}_key")
-    registry = get_registry()
+    registry = _registry(f"{op.action}_{op.kind}_key")
     with operations.get_context().autocommit_block():
         if op.action == "create":
             create = registry.create_data_key if op.kind == "data" else registry.create_index_key
@@ -147,7 +194,7 @@ def _rotated_here(operations: Operations, name: str) -> bool:
         row = conn.execute(
             sa.select(census.jobs_table).where(*_rotation_record(name))
         ).one_or_none()
-    active = get_registry().key_store.active_version(name)
+    active = _registry("rotate_data_key").key_store.active_version(name)
     return row is not None and row.last_key == _heads(operations) and row.target_version == active
 
 
@@ -231,7 +278,8 @@ for _key_op in (CreateDataKeyOp, RotateDataKeyOp, CreateIndexKeyOp, RotateIndexK
 
 def _resuming(operations: Operations, name: str, job: str) -> bool:
     """True if a ``job`` to the active version of key ``name`` is unfinished (a rerun)."""
-    active = get_registry().key_store.active_version(name)
+    what = "rotate_data_key" if job == "reencrypt" else "rotate_index_key"
+    active = _registry(what).key_store.active_version(name)
     engine = operations.get_bind().engine
     for row in unfinished_jobs(engine, name):
         if row.operation == job and row.target_version == active:
@@ -262,10 +310,72 @@ class _ColumnJobOp(MigrateOperation):
 
 
 def _run_column_job(operations: Operations, op: _ColumnJobOp) -> None:
-    _online(operations, f"{op.operation}_column")
-    with operations.get_context().autocommit_block():
+    what = f"{op.operation}_column"
+    _online(operations, what)
+    registry = _registry(what)
+    options = {"progress": _Progress(f"{op.operation} {op.table}.{op.column}"), **op.kwargs}
+    with operations.get_context().autocommit_block(), _waits_shown():
         engine = operations.get_bind().engine
-        run_job(engine, op.table, op.column, key=op.key, operation=op.operation, **op.kwargs)
+        result = run_job(
+            engine,
+            op.table,
+            op.column,
+            key=op.key,
+            operation=op.operation,
+            registry=registry,
+            **options,
+        )
+    progress_log.info(
+        "%s %s.%s finished: %d rows written, %d conflicts, %d skipped",
+        op.operation,
+        op.table,
+        op.column,
+        result.rows_written,
+        result.rows_conflicted,
+        len(result.skipped),
+    )
+
+
+class _Progress:
+    """A job's progress as log lines: the first batch, then one line every few seconds."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.shown_at: float | None = None
+        self.started = time.monotonic()
+
+    def __call__(self, done: int, todo: int) -> None:
+        now = time.monotonic()
+        if self.shown_at is not None and now - self.shown_at < PROGRESS_EVERY and done < todo:
+            return
+        self.shown_at = now
+        rate = done / max(now - self.started, 1e-9)
+        share = f" ({100 * done / todo:.0f}%)" if todo else ""
+        progress_log.info("%s: %d of %d rows%s, %.0f rows/s", self.label, done, todo, share, rate)
+
+
+@contextmanager
+def _waits_shown() -> Iterator[None]:
+    """The job's waits (for other processes to see a rotation) on Alembic's logger, once."""
+    if WAIT_LOG.isEnabledFor(logging.INFO):  # env.py's logging shows them already
+        yield
+        return
+    forward = _Forward()
+    level, propagate = WAIT_LOG.level, WAIT_LOG.propagate
+    WAIT_LOG.setLevel(logging.INFO)
+    WAIT_LOG.propagate = False
+    WAIT_LOG.addHandler(forward)
+    try:
+        yield
+    finally:
+        WAIT_LOG.removeHandler(forward)
+        WAIT_LOG.setLevel(level)
+        WAIT_LOG.propagate = propagate
+
+
+class _Forward(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        progress_log.log(record.levelno, "%s", record.getMessage())
 
 
 @Operations.register_operation("reencrypt_column")
@@ -396,5 +506,90 @@ class RewrapDataKeysOp(MigrateOperation):
 @Operations.implementation_for(RewrapDataKeysOp)
 def _rewrap(operations: Operations, operation: RewrapDataKeysOp) -> None:
     _online(operations, "rewrap_data_keys")
+    registry = _registry("rewrap_data_keys")
     with operations.get_context().autocommit_block():
-        rewrap_data_keys()
+        rewrap_data_keys(registry=registry)
+
+
+# Autogenerate: a plaintext column that becomes encrypted -----------------------------------------
+#
+# Autogenerate sees only a type change (String(320) -> EncryptedString(320, key='pii')) and
+# renders a bare alter_column: the column is widened, its rows stay plaintext, and every read
+# of them then fails. The hook adds the data step that goes with it: op.encrypt_column after the
+# ALTER in upgrade() (op.decrypt_column before it in downgrade()), and the reverse for an
+# encrypted column made plaintext again.
+
+_PLAINTEXT_WINDOW = (
+    "# sqlalchemy_kms_field: {table}.{column} holds plaintext until the next line has run;\n"
+    "# declare its type with accept_plaintext=True in the models until this migration has run\n"
+    "# everywhere (then drop that flag). See README, 'Encrypting an existing plaintext column'."
+)
+
+
+def _encrypted(type_: Any) -> bool:
+    from .types import _EncryptedType
+
+    return isinstance(type_, _EncryptedType)
+
+
+def process_revision_directives(context: Any, revision: Any, directives: list[Any]) -> None:
+    """Alembic hook: add ``op.encrypt_column``/``op.decrypt_column`` to a type change that
+    makes a column encrypted (or plaintext again), in upgrade() and downgrade()."""
+    from alembic.operations import ops
+
+    for script in directives:
+        if not isinstance(script, ops.MigrationScript):
+            continue
+        for container in (*script.upgrade_ops_list, *script.downgrade_ops_list):
+            container.ops[:] = _with_data_steps(container.ops)
+
+
+def _with_data_steps(steps: list[Any]) -> list[Any]:
+    from alembic.operations import ops
+
+    out: list[Any] = []
+    for step in steps:
+        before: list[MigrateOperation] = []
+        after: list[MigrateOperation] = []
+        if isinstance(step, ops.ModifyTableOps):
+            for alter in step.ops:
+                if not isinstance(alter, ops.AlterColumnOp) or alter.modify_type is None:
+                    continue
+                new, old = alter.modify_type, alter.existing_type
+                if _encrypted(new) and not _encrypted(old):
+                    after.append(_column_step(EncryptColumnOp, step, alter, new))
+                elif _encrypted(old) and not _encrypted(new):
+                    before.append(_column_step(DecryptColumnOp, step, alter, old))
+        out.extend([*before, step, *after])
+    return out
+
+
+def _column_step(cls: type[_ColumnJobOp], table: Any, alter: Any, type_: Any) -> _ColumnJobOp:
+    kwargs: dict[str, Any] = {"schema": table.schema}
+    if type_.context is not None:
+        kwargs["context"] = ".".join(type_.context)
+    if type_.codec != ("bytes" if type_._binary else "str"):
+        kwargs["codec"] = type_.codec
+    if type_.bind_to:
+        kwargs["bind_to"] = type_.bind_to
+    return cls(table.table_name, alter.column_name, type_.key, kwargs)
+
+
+def _render_column_step(autogen_context: Any, op: _ColumnJobOp) -> list[str]:
+    args = [repr(op.table), repr(op.column), f"key={op.key!r}"]
+    args += [f"{name}={value!r}" for name, value in op.kwargs.items() if value is not None]
+    call = f"op.{op.operation}_column({', '.join(args)})"
+    if op.operation == "encrypt":
+        comment = _PLAINTEXT_WINDOW.format(table=op.table, column=op.column)
+        return [*comment.splitlines(), call]
+    return [call]
+
+
+def _register_renderers() -> None:
+    from alembic.autogenerate import renderers
+
+    for cls in (EncryptColumnOp, DecryptColumnOp):
+        renderers.dispatch_for(cls)(_render_column_step)
+
+
+_register_renderers()

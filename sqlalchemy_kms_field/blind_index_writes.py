@@ -29,6 +29,8 @@ from .registry import get_registry
 Written = list[tuple[Any, tuple[Any, ...] | None]]
 
 
+# Registered before the row-binding hook (row_binding.py imports this module first): that hook
+# replaces a row-bound source's plaintext with its ciphertext, which must never be hashed.
 @event.listens_for(Engine, "before_execute", retval=True)
 def _fill_indexes(
     conn: Connection,

@@ -42,6 +42,7 @@ from typing import Any, Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
+from .constants import CODECS as CODECS
 from .exc import ConfigurationError, DecryptionError, EncryptionError
 
 FORMAT: Final = "kf2"
@@ -171,10 +172,7 @@ def encode_context(
 # Codecs: how a Python value became bytes. Part of the context, so a value of one type never
 # decodes as another. The pads are the defaults for types with few possible values, so that a
 # value's length does not give it away (a string column pads only if asked).
-CODECS: Final = (
-    "str", "bytes", "json", "bool", "int", "float", "decimal", "date", "datetime", "time",
-    "interval", "uuid", "enum",
-)  # fmt: skip
+# CODECS (constants.py, so that the CLI's --help needs no SQLAlchemy): str, bytes, json, ...
 DEFAULT_PADS: Final = {
     "bool": 16, "int": 16, "float": 32, "decimal": 32, "date": 16, "datetime": 48, "time": 16,
     "interval": 32, "uuid": 0, "enum": 32,

@@ -20,16 +20,13 @@ import sqlalchemy as sa
 
 from . import census, scan
 from .census import Census, ColumnRef
+from .constants import DESTROY_GRACE_PERIOD as DESTROY_GRACE_PERIOD
 from .erasure import Erased
 from .exc import ConfigurationError, KeyStateError, MasterKeyError
 from .key_store import ACTIVE_TTL_MARGIN, KeyState, SqlKeyStore, StoredKey
 from .master_keys import AwsKmsMasterKey
 from .registry import KeyRegistry, get_registry, key_context
 from .scan import Progress, Scan
-
-DESTROY_GRACE_PERIOD = (
-    3 * 24 * 3600.0
-)  # seconds a version stays retired before destroy may erase it
 
 # The versions whose wrapped key is still needed: everything but pending and destroyed.
 SURVIVING = frozenset({KeyState.ACTIVE, KeyState.READABLE, KeyState.RETIRED})
@@ -62,6 +59,10 @@ def rewrap_data_keys(
     ``from_application``: the application the keys are wrapped under now, when it is not the
     registry's own: ``None`` for keys made before ``application`` was configured. They are
     rewrapped into the registry's application.
+
+    A version already wrapped by the registry's master key, in its application, is left as it
+    is (see :func:`already_rewrapped`): a rerun, or a rewrap after one new version, touches only
+    what needs it.
     """
     registry = registry or get_registry()
     source = registry.application if from_application is ... else from_application
@@ -69,10 +70,15 @@ def rewrap_data_keys(
     for stored in registry.key_store.versions():
         if names is not None and stored.name not in names:
             continue
-        if stored.state not in SURVIVING:
+        if stored.state not in SURVIVING or already_rewrapped(registry, stored, source):
             continue
         done.append(_rewrap_one(registry, stored, source))
     return done
+
+
+def already_rewrapped(registry: KeyRegistry, stored: StoredKey, source: str | None) -> bool:
+    """True if ``stored`` is wrapped by the registry's master key under its application."""
+    return source == registry.application and registry.master_key.can_unwrap(stored.master_key_id)
 
 
 def _rewrap_one(registry: KeyRegistry, stored: StoredKey, source: str | None) -> Rewrapped:
@@ -368,7 +374,7 @@ def _refuse_if_used(
         f"{ref}: {n:,} rows" + (", undeclared" if ref in unknown else "") for ref, n in used
     )
     name = stored.name
-    hint = f" (an undeclared column needs its key named: key={name!r}, --key {name})"
+    hint = f" (an undeclared column needs its key named: key={name!r} (CLI --key {name}))"
     raise KeyStateError(
         f"{_what(stored)} is still used ({detail}); {_job(stored)} these columns before {doing} "
         f"it{hint if unknown else ''}"

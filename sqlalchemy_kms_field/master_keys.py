@@ -91,7 +91,7 @@ class LocalMasterKey:
         except FileNotFoundError:
             raise ConfigurationError(
                 f"local master key file {os.fspath(path)!r} does not exist; create one with "
-                "LocalMasterKey.generate_file(path) or `kms-field keys init-local PATH`"
+                "LocalMasterKey.generate_file(path) or `kms-field init-local PATH`"
             ) from None
         return cls(_decode_key(text, f"file {os.fspath(path)!r}"))
 
@@ -224,6 +224,13 @@ class RedactPlaintext(logging.Filter):
 _REDACT = RedactPlaintext()
 
 
+def _without_boto3() -> ConfigurationError:
+    return ConfigurationError(
+        "AWS KMS master keys need boto3, which is not installed: "
+        "pip install 'sqlalchemy-kms-field[aws]'"
+    )
+
+
 def redact_botocore_logs() -> None:
     """Install the filter on every botocore logger there is (idempotent)."""
     names = set(_BOTOCORE_LOGGERS)
@@ -289,10 +296,8 @@ class AwsKmsMasterKey:
         try:
             import boto3
             from botocore.config import Config
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigurationError(
-                "AwsKmsMasterKey needs boto3: pip install 'sqlalchemy-kms-field[aws]'"
-            ) from None
+        except ImportError:  # the [aws] extra is not installed
+            raise _without_boto3() from None
         config = Config(
             retries={"mode": "standard", "max_attempts": self._max_attempts},
             connect_timeout=5,
@@ -306,7 +311,10 @@ class AwsKmsMasterKey:
         return client
 
     def _call(self, operation: str, fn: Any) -> Any:
-        from botocore import exceptions as bx
+        try:
+            from botocore import exceptions as bx
+        except ImportError:  # the [aws] extra is not installed
+            raise _without_boto3() from None
 
         transient = (
             bx.EndpointConnectionError,

@@ -52,6 +52,9 @@ from .key_store import ACTIVE_TTL_MARGIN
 from .registry import KeyRegistry, get_registry
 
 log = logging.getLogger(__name__)
+# The waits for other processes (active_ttl): shown by the command line and Alembic runs even
+# when the rest of the library's INFO is not.
+WAIT_LOG = logging.getLogger("sqlalchemy_kms_field.waits")
 
 Operation = Literal["reencrypt", "encrypt", "decrypt", "reindex"]
 ProgressCallback = Callable[[int, int], None]  # (rows done in this run, rows to do at start)
@@ -205,8 +208,8 @@ class _Transform:
             f"context {table}.{column}{bound} with {tried}{why}: if the column type declares "
             "context=..., pass the same context= (CLI --context TABLE.COLUMN); if it declares "
             "bind_to=..., pass the same bind_to= (CLI --bind-to); pass the column's codec= "
-            "(CLI --codec) if it is known; if these values are damaged, pass codec= with "
-            "skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
+            "(CLI --codec) if it is known; if these values are damaged, pass codec= (CLI --codec) "
+            "with skip_undecryptable=True (CLI --skip-undecryptable) to skip them"
         )
 
     def need_codec(self) -> str:
@@ -879,8 +882,10 @@ class _Job:
                 if isinstance(exc, ConfigurationError) or not self.skip_undecryptable:
                     raise ReencryptionError(
                         f"{self.operation} of {self.ref} stopped at the row with primary key "
-                        f"{_show_key(key)}: {exc}. Nothing of this batch was written; every "
-                        "row is readable; rerun to resume (or pass skip_undecryptable)",
+                        f"{_show_key(key)}: {exc}. Nothing of this batch was written and no row "
+                        "was changed; rerun to resume once that row is fixed, or pass "
+                        "skip_undecryptable=True (CLI --skip-undecryptable) to leave such rows "
+                        "as they are",
                         table=self.ref.table,
                         column=self.ref.column,
                         primary_key=key,
@@ -1162,10 +1167,17 @@ def _wait_until_every_process_knows(
     wait = (ready - now).total_seconds()
     if wait <= 0:
         return False
-    log.info(
-        "waiting %.0f s (active_ttl) until every process %s with key %r version %d",
+    why = {
+        "writes": "may still write under a version older than %r version %d; the job "
+        "finishes after that",
+        "lookups": "may not look up index values under %r version %d yet; the reindex starts "
+        "after that",
+    }[what]
+    WAIT_LOG.info(
+        "waiting %.0f s (active_ttl %g s) for every process to re-read the key states: until "
+        "then one " + why,
         wait,
-        "does its " + what,
+        registry.active_ttl,
         key,
         version,
     )

@@ -19,6 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .census import FORMATS, ColumnRef, header_prefixes, starts_with
+from .constants import ALL_SCHEMAS as ALL_SCHEMAS
 from .exc import ConfigurationError
 
 
@@ -64,8 +65,7 @@ class Scan:
 
 Progress = Callable[[ScanProgress], None]
 
-# In ``schemas``: every schema the database user can see, but the database's own.
-ALL_SCHEMAS = "*"
+# ALL_SCHEMAS ("*", constants.py) in ``schemas``: every schema the user can see, but the system's.
 _SYSTEM_SCHEMAS = {"information_schema", "performance_schema", "mysql", "sys", "pg_catalog"}
 
 

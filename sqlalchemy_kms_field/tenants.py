@@ -33,7 +33,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm.attributes import flag_modified
 
 from . import envelope
 from .envelope import DataKey
@@ -650,7 +653,7 @@ def _tenant_pairs(mapper: Any) -> list[tuple[str, str]]:
     return pairs
 
 
-@sa.event.listens_for(sa.orm.Mapper, "before_update")
+@event.listens_for(Mapper, "before_update")
 def _include_tenant(mapper: Any, connection: Any, target: Any) -> None:
     pairs = _tenant_pairs(mapper)
     if not pairs:
@@ -658,7 +661,7 @@ def _include_tenant(mapper: Any, connection: Any, target: Any) -> None:
     state = sa.inspect(target)
     for value_key, tenant_key in pairs:
         if state.attrs[value_key].history.has_changes():
-            sa.orm.attributes.flag_modified(target, tenant_key)
+            flag_modified(target, tenant_key)
 
 
 def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) -> Any:

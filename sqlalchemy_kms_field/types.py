@@ -511,10 +511,22 @@ class _EncryptedType(TypeDecorator[T]):
                 f"{self._where()}: a value starts like a sqlalchemy-kms-field header but does "
                 "not parse (altered?); it is refused, not returned as plaintext"
             )
-        raise DecryptionError(
-            f"{self._where()}: a value in a column encrypted with data key {self.key!r} is not "
-            "sqlalchemy-kms-field ciphertext (no 'kf2:' header); if the column is being "
-            "migrated from plaintext, declare it with accept_plaintext=True"
+        raise DecryptionError(self._plaintext_found())
+
+    def _plaintext_found(self) -> str:
+        where = self._where()
+        table, _, column = where.rpartition(".")
+        fix = (
+            f"op.encrypt_column({table!r}, {column!r}, key={self.key!r}) in a migration, or "
+            f"`kms-field encrypt-column {where} --key {self.key}`"
+            if table
+            else "op.encrypt_column(...) or `kms-field encrypt-column`"
+        )
+        return (
+            f"{where}: a value in a column encrypted with data key {self.key!r} is not "
+            "sqlalchemy-kms-field ciphertext (no 'kf2:' header): plaintext left by a type "
+            f"change? Encrypt the column's rows ({fix}), declaring the type with "
+            "accept_plaintext=True until that has run"
         )
 
     def _refuse_ciphertext(self, value: str | bytes) -> None:
@@ -899,3 +911,9 @@ class Encrypted(_EncryptedType[Any]):
         if type(self.inner).__module__.startswith("sqlalchemy."):
             inner = "sa." + inner  # Alembic's migration files import sqlalchemy as sa
         return self._args_repr(inner)
+
+
+# Alembic renders user types as "<module>.<repr>": make that the public, stable path.
+for _cls in (Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText):
+    _cls.__module__ = "sqlalchemy_kms_field"
+del _cls

@@ -701,8 +701,9 @@ def test_missing_configuration_is_exit_2_naming_the_setting(cli: Cli, work: Path
     assert "KMS_FIELD_MASTER_KEY" in err and "aws-kms:" in err
     assert not (work / "app.db").exists()  # every setting is checked before the database
 
-    err = cli("keys", "list", code=1).stderr
-    assert "kms-field setup" in err
+    err = cli("keys", "list", code=2).stderr  # a mistyped path: no empty file left behind
+    assert "does not exist" in err and "kms-field setup" in err
+    assert not (work / "app.db").exists()
 
     err = cli("keys", "create", "pii", env={"KMS_FIELD_MASTER_KEY": "vault:x"}, code=2).stderr
     assert "KMS_FIELD_MASTER_KEY" in err and "local-env:" in err

@@ -84,7 +84,7 @@ def test_a_tenants_rotation_survives_sigkill_and_a_concurrent_writer(
     other_before = raw(db, 43)
     kf.rotate_tenant_key("pii", 42)
     last = {i: f"{i}-0" for i in range(1, ROWS + 1)}
-    stop, errors = threading.Event(), []
+    stop, errors, paused = threading.Event(), [], threading.Lock()
 
     def write() -> None:  # the application, updating tenant 42's rows meanwhile
         n = 0
@@ -93,13 +93,14 @@ def test_a_tenants_rotation_survives_sigkill_and_a_concurrent_writer(
             n += 1
             row_id = rng.randrange(1, ROWS + 1)
             try:
-                with db.begin() as conn:
-                    conn.execute(
-                        notes.update()
-                        .where(notes.c.id == row_id, notes.c.tenant_id == 42)
-                        .values(body=f"{row_id}-{n}")
-                    )
-                last[row_id] = f"{row_id}-{n}"
+                with paused:  # a write and its record, never half seen by the checks
+                    with db.begin() as conn:
+                        conn.execute(
+                            notes.update()
+                            .where(notes.c.id == row_id, notes.c.tenant_id == 42)
+                            .values(body=f"{row_id}-{n}")
+                        )
+                    last[row_id] = f"{row_id}-{n}"
             except Exception as exc:  # a lock timeout would be worth seeing, not hiding
                 errors.append(exc)
             time.sleep(0.02)
@@ -116,7 +117,8 @@ def test_a_tenants_rotation_survives_sigkill_and_a_concurrent_writer(
         assert first.returncode == -signal.SIGKILL
         moved = on_version(db, 42, 2)
         assert 12 <= moved < ROWS  # killed half way
-        assert values(db, 42) == last  # every row readable, none lost or stale
+        with paused:
+            assert values(db, 42) == last  # every row readable, none lost or stale
         second = job(db_url, batch=16, pause=0.0)
         out, err = second.communicate(timeout=120)
         assert second.returncode == 0, err

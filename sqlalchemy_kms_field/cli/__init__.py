@@ -49,16 +49,19 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-
-from ..exc import KmsFieldError
-from .app import App
 from .config import ENV, PROG
 from .errors import Refused, UsageError
 from .parser import build_parser
+from .wording import for_cli
+
+if TYPE_CHECKING:
+    from .app import App
 
 __all__ = ["main"]
+
+WAITS_LOGGER = "sqlalchemy_kms_field.waits"  # reencrypt.WAIT_LOG
 
 
 class _StderrHandler(logging.Handler):
@@ -66,7 +69,7 @@ class _StderrHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.write(for_cli(self.format(record)) + "\n")
         except Exception:  # pragma: no cover - as logging.StreamHandler does
             self.handleError(record)
 
@@ -88,12 +91,23 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help and --version (0), or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    # Only now, with a command to run: --help and usage errors import none of this.
+    import sqlalchemy as sa
+
+    from ..exc import KmsFieldError
+    from .app import App
+
     library_log = logging.getLogger("sqlalchemy_kms_field")
     sink = _StderrHandler()
     sink.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
     library_log.addHandler(sink)
     previous_level = library_log.level
     library_log.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+    # Waits for the application's processes (active_ttl) are said without -v: a job that sits
+    # at 100% for a minute says what it waits for.
+    waits = logging.getLogger(WAITS_LOGGER)
+    previous_waits_level = waits.level
+    waits.setLevel(logging.INFO)
     app: App | None = None
     try:
         app = App(args, dict(os.environ), Path.cwd())
@@ -103,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         _error(str(exc))
         return 2
     except (Refused, KmsFieldError) as exc:
-        message = str(exc)
+        message = for_cli(str(exc))
         if "previous_master_keys" in message:
             message += f" (set {ENV['previous_master_keys']})"
         _error(message)
@@ -129,3 +143,4 @@ def main(argv: list[str] | None = None) -> int:
             app.close()
         library_log.removeHandler(sink)
         library_log.setLevel(previous_level)
+        waits.setLevel(previous_waits_level)

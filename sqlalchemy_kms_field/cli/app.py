@@ -20,6 +20,7 @@ from ..exc import ConfigurationError
 from ..key_store import SqlKeyStore
 from ..master_keys import Context
 from ..registry import KeyRegistry
+from ..urls import url_hint
 from .config import ENV, PROG, active_ttl, application, master_key_from_spec, resolve_settings
 from .errors import Refused, UsageError
 from .models import index_columns, load_models
@@ -80,10 +81,17 @@ class App:
         # soft_wrap: a long line stays one line in logs; a terminal wraps it on its own.
         self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
-    def engine(self) -> Engine:
+    def engine(self, *, create: bool = False) -> Engine:
+        """The engine of the configured database; ``create``: a missing SQLite file may be made
+        (``setup``); any other command refuses it rather than leave an empty file behind."""
         if self._engine is None:
             setting = self.settings.need("database_url", f"`{self.args.label}`")
             assert isinstance(setting.value, str)
+            hint = url_hint(setting.value)
+            if hint is not None:
+                raise UsageError(f"the database URL from {setting.source}: {hint}")
+            if not create:
+                self._refuse_missing_sqlite_file(setting.value, setting.source)
             try:
                 self._engine = sa.create_engine(setting.value)
             except sa.exc.NoSuchModuleError:
@@ -102,6 +110,23 @@ class App:
                     f"(no module {exc.name!r})"
                 ) from None
         return self._engine
+
+    def _refuse_missing_sqlite_file(self, url: str, source: str) -> None:
+        try:
+            parsed = sa.make_url(url)
+        except sa.exc.ArgumentError:
+            return  # create_engine says what is wrong with it
+        database = parsed.database
+        if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return
+        if database.startswith("file:") or parsed.query.get("uri"):
+            return  # a URI filename: SQLite's own options decide
+        path = self.cwd / Path(database).expanduser()
+        if not path.exists():
+            raise UsageError(
+                f"the SQLite database file {path} (from {source}) does not exist: check the "
+                f"path, or run `{PROG} setup` to create a new database there"
+            )
 
     def engine_url(self) -> str | None:
         """The URL of the engine, if one was made, for error messages (no password)."""

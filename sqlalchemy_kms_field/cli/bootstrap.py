@@ -52,7 +52,7 @@ def cmd_config(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_setup(app: App, args: argparse.Namespace) -> int:
-    engine = app.engine()
+    engine = app.engine(create=True)
     store = SqlKeyStore(engine)
     tenant_keys = tenant_table(sa.MetaData())
     names = [store.table.name, census.columns_table.name, reencrypt.jobs_table.name]

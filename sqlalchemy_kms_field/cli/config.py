@@ -13,14 +13,12 @@ import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import sqlalchemy as sa
-
-from ..exc import ConfigurationError
-from ..master_keys import AwsKmsMasterKey, LocalMasterKey, MasterKey
-from ..registry import check_application
 from .errors import UsageError
+
+if TYPE_CHECKING:  # imported where used: the parser (and --help) needs only the names here
+    from ..master_keys import MasterKey
 
 PROG = "kms-field"
 ENV = {
@@ -176,6 +174,9 @@ def active_ttl(settings: Settings) -> float:
 
 def application(settings: Settings) -> str | None:
     """The application identifier bound into encryption contexts (None unless configured)."""
+    from ..exc import ConfigurationError
+    from ..registry import check_application
+
     found = settings.get("application")
     if found is None:
         return None
@@ -202,6 +203,9 @@ def _looks_like_a_key(text: str) -> bool:
 
 def master_key_from_spec(spec: str, source: str) -> MasterKey:
     """``aws-kms:ID``, ``local:PATH`` or ``local-env:VAR``; errors never echo the spec."""
+    from ..exc import ConfigurationError
+    from ..master_keys import AwsKmsMasterKey, LocalMasterKey
+
     kind, _, rest = spec.partition(":")
     rest = rest.strip()
     if kind == "aws-kms" and rest:
@@ -236,6 +240,8 @@ def shown_spec(spec: str) -> str:
 
 def shown_url(url: str) -> str:
     """A database URL as it may be printed: without its password."""
+    import sqlalchemy as sa
+
     try:
         return sa.make_url(url).render_as_string(hide_password=True)
     except sa.exc.ArgumentError:

@@ -94,10 +94,12 @@ def cmd_keys_rotate(app: App, args: argparse.Namespace) -> int:
         version = registry.rotate_data_key(name).version
         still = "older versions stay readable"
     stored = registry.key_store.get(name, version)
+    found = app.settings.get("active_ttl")
+    ttl = f"{registry.active_ttl:g} s " + (f"from {found.source}" if found else "by default")
     app.say(
         f"{kind} key {name!r} version {version} is now active (wrapped by "
-        f"{stored.master_key_id}); {still}. Applications switch to it "
-        "within their active_ttl (60 s by default)."
+        f"{stored.master_key_id}); {still}. Applications switch to it within their "
+        f"active_ttl ({ttl} here; give the application the same)."
     )
     columns = [ref for ref in app.known_columns(registry) if ref.key == name]
     for ref in columns:
@@ -155,9 +157,20 @@ def cmd_keys_rewrap(app: App, args: argparse.Namespace) -> int:
                 f"{ENV['previous_master_keys']} (or pass {FLAGS['previous_master_keys']})"
             )
     source = ... if args.from_application is None else (args.from_application or None)
+    target = registry.application if source is ... else source
+    kept = [
+        k
+        for k in stored
+        if (names is None or k.name in names)
+        and k.state in (KeyState.ACTIVE, KeyState.READABLE, KeyState.RETIRED)
+        and lifecycle.already_rewrapped(registry, k, target)
+    ]
     done = lifecycle.rewrap_data_keys(names, registry=registry, from_application=source)
+    if kept:
+        noun = "version is" if len(kept) == 1 else "versions are"
+        app.say(f"{len(kept)} key {noun} already wrapped by the master key: left as they are")
     if not done:
-        app.say("no data key to rewrap")
+        app.say("no key version to rewrap")
         return 0
     table = new_table(None, "name", "version", "from master key", "to master key")
     for r in done:

@@ -71,22 +71,38 @@ def keys_table(title: str | None, stored: Sequence[StoredKey]) -> Table:
     return table
 
 
+VERSION_COLUMNS = 4  # at most this many per-version columns in a census table
+
+
 def census_table(key: str, stored: Sequence[StoredKey], counts: Sequence[Census]) -> Table:
+    """Rows per version of ``key``'s columns, at most VERSION_COLUMNS version columns wide:
+    every version while there are that few; then the active version and the newest versions
+    that hold rows, older ones that hold rows summed in one column, and versions without rows
+    counted in the title."""
     versions = [k for k in stored if k.name == key and k.state is not KeyState.PENDING]
     kind = versions[0].kind if versions else "data"
-    headers = [f"v{k.version} ({k.state.value})" for k in versions]
+    shown = [k.version for k in versions]
+    if len(shown) > VERSION_COLUMNS:
+        used = {v for c in counts for v, n in c.by_version.items() if n}
+        active = [k.version for k in versions if k.state is KeyState.ACTIVE][-1:]
+        shown = sorted(used | set(active))
+    older: list[int] = []
+    if len(shown) > VERSION_COLUMNS:
+        older, shown = shown[: -(VERSION_COLUMNS - 1)], shown[-(VERSION_COLUMNS - 1) :]
+    states = {k.version: k.state.value for k in versions}
+    headers = [f"v{v} ({states.get(v, 'unknown')})" for v in shown]
+    if older:
+        headers.insert(0, f"older: v{older[0]}-v{older[-1]}")
     formats = [f"{fmt} rows" for fmt in FORMATS]  # a format migration ends when kf1 is 0
-    table = new_table(
-        f"{kind} key {key!r}: rows per version",
-        "column",
-        *headers,
-        *formats,
-        "NULL",
-        "other",
-        "total",
-    )
+    empty = len(versions) - len([k for k in versions if k.version in (*shown, *older)])
+    title = f"{kind} key {key!r}: rows per version"
+    if empty:
+        title += f" ({empty} version{'s' if empty > 1 else ''} without rows not shown)"
+    table = new_table(title, "column", *headers, *formats, "NULL", "other", "total")
     for c in counts:
-        per_version = [c.by_version.get(k.version, 0) for k in versions]
+        per_version = [c.by_version.get(v, 0) for v in shown]
+        if older:
+            per_version.insert(0, sum(c.by_version.get(v, 0) for v in older))
         per_format = [c.in_format(fmt) for fmt in FORMATS]
         numbers = [f"{n:,}" for n in (*per_version, *per_format, c.nulls, c.other, c.total)]
         add_row(table, c.column, *numbers)

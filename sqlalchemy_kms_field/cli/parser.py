@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..lifecycle import DESTROY_GRACE_PERIOD
-from ..scan import ALL_SCHEMAS
-from .app import App
-from .bootstrap import cmd_config, cmd_init_local, cmd_setup
+from ..constants import ALL_SCHEMAS, CODECS, DESTROY_GRACE_PERIOD
 from .config import CONFIG_FILE, ENV, MASTER_KEY_SYNTAX, PROG
-from .jobs import cmd_job, cmd_reindex
-from .keys import (
+from .handlers import (  # each imports its module when its command runs: --help stays fast
+    cmd_config,
+    cmd_init_local,
+    cmd_job,
     cmd_keys_create,
     cmd_keys_destroy,
     cmd_keys_list,
@@ -20,11 +19,16 @@ from .keys import (
     cmd_keys_rewrap,
     cmd_keys_rotate,
     cmd_keys_shred,
+    cmd_reindex,
+    cmd_setup,
+    cmd_status,
 )
-from .status import cmd_status
-from .tenants import add_tenants_commands
+from .tenants_grammar import add_tenants_commands
 
-Handler = Callable[[App, argparse.Namespace], int]
+if TYPE_CHECKING:
+    from .app import App
+
+Handler = Callable[["App", argparse.Namespace], int]
 
 
 def _positive_int(text: str) -> int:
@@ -368,8 +372,6 @@ def _non_negative_int(text: str) -> int:
 
 
 def _add_format_options(p: argparse.ArgumentParser, operation: str) -> None:
-    from ..envelope import CODECS
-
     group = p.add_argument_group(
         "where the values belong (default: as the models declare TABLE.COLUMN, else learnt "
         "from the column's kf2 values)"

@@ -38,6 +38,14 @@ if TYPE_CHECKING:
         rotate_data_key,
         rotate_index_key,
     )
+    from .tenants import (
+        configure_tenants,
+        create_tenant_table,
+        ensure_tenant_key,
+        rewrap_tenant_keys,
+        rotate_tenant_key,
+        tenant_match,
+    )
     from .types import Encrypted, EncryptedBytes, EncryptedJSON, EncryptedString, EncryptedText
 
     __version__: str
@@ -81,6 +89,17 @@ _WHERE = {
         ".registry",
     ),
     **dict.fromkeys(
+        (
+            "configure_tenants",
+            "create_tenant_table",
+            "ensure_tenant_key",
+            "rewrap_tenant_keys",
+            "rotate_tenant_key",
+            "tenant_match",
+        ),
+        ".tenants",
+    ),
+    **dict.fromkeys(
         ("Encrypted", "EncryptedBytes", "EncryptedJSON", "EncryptedString", "EncryptedText"),
         ".types",
     ),
@@ -88,7 +107,8 @@ _WHERE = {
 
 _SUBMODULES = frozenset(
     {"alembic_ops", "alembic_env", "asyncio", "audit", "blind_index", "census", "envelope", "exc",
-     "key_store", "lifecycle", "master_keys", "metrics", "reencrypt", "registry", "scan", "types"}
+     "key_store", "lifecycle", "master_keys", "metrics", "reencrypt", "registry", "scan",
+     "tenant_erasure", "tenant_rotation", "tenants", "types"}
 )  # fmt: skip
 
 
@@ -146,18 +166,24 @@ __all__ = [
     "UnsupportedOperationError",
     "__version__",
     "configure",
+    "configure_tenants",
     "create_data_key",
     "create_index_key",
+    "create_tenant_table",
     "decrypt_column",
     "disable_metrics",
     "enable_metrics",
     "encrypt_column",
+    "ensure_tenant_key",
     "find",
     "get_registry",
     "preload",
     "reencrypt_column",
     "reindex_column",
+    "rewrap_tenant_keys",
     "rotate_data_key",
     "rotate_index_key",
+    "rotate_tenant_key",
     "set_audit_hook",
+    "tenant_match",
 ]

@@ -49,6 +49,7 @@ from .key_store import LIFECYCLE_COLUMNS, SqlKeyStore
 from .lifecycle import rewrap_data_keys
 from .reencrypt import WAIT_LOG, Operation, run_job, unfinished_jobs
 from .registry import KeyRegistry, get_registry
+from .tenants import tenant_table
 
 log = logging.getLogger(__name__)
 # What a migration shows while it works: Alembic's default alembic.ini prints INFO of "alembic".
@@ -56,7 +57,9 @@ progress_log = logging.getLogger("alembic.kms_field")
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a column job
 
 
-LIBRARY_TABLES = frozenset({"kms_field_keys", "kms_field_jobs", "kms_field_columns"})
+LIBRARY_TABLES = frozenset(
+    {"kms_field_keys", "kms_field_jobs", "kms_field_columns", "kms_field_tenant_keys"}
+)
 
 
 def render_item(type_: str, obj: Any, autogen_context: Any) -> Literal[False]:
@@ -110,7 +113,8 @@ def _online(operations: Operations, what: str) -> None:
 
 @Operations.register_operation("create_key_store")
 class CreateKeyStoreOp(MigrateOperation):
-    """Create the tables the library uses: wrapped data keys, job checkpoints, known columns."""
+    """Create the tables the library uses: wrapped data keys, job checkpoints, known columns,
+    tenant keys."""
 
     @classmethod
     def create_key_store(cls, operations: Operations) -> Any:
@@ -127,6 +131,7 @@ def _create_key_store(operations: Operations, operation: CreateKeyStoreOp) -> No
         store = SqlKeyStore(bind.engine)
     store.metadata.create_all(bind, checkfirst=True)
     census.create_tables(bind)
+    tenant_table(sa.MetaData(schema=store.table.schema)).create(bind, checkfirst=True)
     # A key table made by an earlier release lacks the lifecycle columns: add them, as
     # SqlKeyStore.create_table() does (on the store's own connection, hence committed first).
     t = store.table

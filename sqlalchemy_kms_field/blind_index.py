@@ -36,7 +36,7 @@ from sqlalchemy.sql import operators
 from sqlalchemy.types import TypeDecorator
 
 from . import envelope
-from .exc import ConfigurationError, UnsupportedOperationError
+from .exc import ConfigurationError, EncryptionError, UnsupportedOperationError
 from .registry import get_registry
 
 Normalizer = Callable[[str], str]
@@ -184,7 +184,11 @@ class BlindIndex(TypeDecorator[str]):
         normalizer: NormalizerSpec | list[str] = "exact",
         bits: int = 256,
         context: str | tuple[str, str] | None = None,
+        tenant: str | None = None,
     ) -> None:
+        if tenant is not None and (not isinstance(tenant, str) or not tenant):
+            raise ConfigurationError(f"tenant= must name a column, got {tenant!r}")
+        self.tenant = tenant  # scoped to a tenant: see tenants.py (tenant_match)
         if not isinstance(bits, int) or bits % 8 or not 16 <= bits <= 256:
             raise ConfigurationError(f"bits must be a multiple of 8 from 16 to 256, got {bits}")
         self._place = None if context is None else envelope.context_name(context)
@@ -231,6 +235,8 @@ class BlindIndex(TypeDecorator[str]):
             args.append(f"bits={self.bits}")
         if self.context is not None:
             args.append(f"context={self.context!r}")
+        if self.tenant is not None:
+            args.append(f"tenant={self.tenant!r}")
         return f"BlindIndex({', '.join(args)})"
 
     @property
@@ -263,14 +269,33 @@ class BlindIndex(TypeDecorator[str]):
             "table= (the table the column is on), or declare context='table.column'"
         )
 
-    def _data(self, value: Any) -> bytes:
+    def _data(self, value: Any, tenant: object = None) -> bytes:
+        if self.tenant is not None:
+            # A tenant-scoped index MACs the tenant (length-prefixed) before the value.
+            if tenant is None:
+                raise EncryptionError(
+                    f"{self!r} is scoped to tenant column {self.tenant!r}: its index value "
+                    "needs the row's tenant (write it with the row's tenant column; look up "
+                    "with kf.tenant_match). Reindexing and encrypt_column with index= do not "
+                    "support tenant-scoped indexes yet"
+                )
+            scope = str(tenant).encode("utf-8")
+            return len(scope).to_bytes(4, "big") + scope + self._value_data(value)
+        return self._value_data(value)
+
+    def _value_data(self, value: Any) -> bytes:
+        if value.__class__.__name__ == "Sealed":  # row_binding's ciphertext: never hash it
+            raise EncryptionError(
+                f"{self!r}: the source value reached the index already encrypted; this is a bug "
+                "in the order of the write hooks, please report it"
+            )
         if isinstance(value, bytes):
             return value
         if not isinstance(value, str):
             value = str(value)
         return self._normalize(value).encode("utf-8")
 
-    def compute(self, value: Any, table: str | None = None) -> str | None:
+    def compute(self, value: Any, table: str | None = None, tenant: object = None) -> str | None:
         """The index value of ``value`` under the active index key version (None for None).
 
         ``table``: the name of the table the index column is on (by default the table of the
@@ -280,21 +305,23 @@ class BlindIndex(TypeDecorator[str]):
             return None
         fields = self.context_fields(table)
         key = get_registry().index_keys(self.key)[0]
-        return key.compute(self._data(value), self._nbytes, fields)
+        return key.compute(self._data(value, tenant), self._nbytes, fields)
 
-    def candidates(self, value: Any, table: str | None = None) -> list[str]:
+    def candidates(self, value: Any, table: str | None = None, tenant: object = None) -> list[str]:
         """The index values ``value`` may have: one per live index key version, and the
         context-free ``kf1`` value of older releases that a reindex has not replaced yet."""
         fields = self.context_fields(table)
-        data, n = self._data(value), self._nbytes
+        data, n = self._data(value, tenant), self._nbytes
         found: list[str] = []
         for key in get_registry().index_keys(self.key):
-            found += (key.compute(data, n, fields), key.compute_legacy(data, n))
+            found.append(key.compute(data, n, fields))
+            if self.tenant is None:  # (no kf1 value was ever scoped to a tenant)
+                found.append(key.compute_legacy(data, n))
         return found
 
     def matches(self, a: Any, b: Any) -> bool:
         """True if ``a`` and ``b`` are equal once normalized (used to drop false positives)."""
-        return a is not None and b is not None and self._data(a) == self._data(b)
+        return a is not None and b is not None and self._value_data(a) == self._value_data(b)
 
 
 # Finding a column's blind index ------------------------------------------------------------
@@ -360,6 +387,12 @@ def rewrite_comparison(expr: Any, op: Any, other: tuple[Any, ...]) -> Any:
     if index is None:
         return None
     typ: BlindIndex = index.type  # type: ignore[assignment]
+    if typ.tenant is not None:
+        raise UnsupportedOperationError(
+            f"{expr.key!r} is looked up through blind index {index.key!r}, which is scoped to "
+            f"tenant column {typ.tenant!r}: use kf.tenant_match(<Entity>.{expr.key}, value, "
+            "tenant=...), which also filters on the tenant"
+        )
     if not typ.exact:
         raise UnsupportedOperationError(
             f"{expr.key!r} is looked up through blind index {index.key!r}, truncated to "

@@ -29,6 +29,8 @@ from .registry import get_registry
 Written = list[tuple[Any, tuple[Any, ...] | None]]
 
 
+# Registered before the row-binding hook (row_binding.py imports this module first): that hook
+# replaces a row-bound source's plaintext with its ciphertext, which must never be hashed.
 @event.listens_for(Engine, "before_execute", retval=True)
 def _fill_indexes(
     conn: Connection,
@@ -45,9 +47,10 @@ def _fill_indexes(
         where = index_table(index)
         clauseelement, key, written = _source_param(clauseelement, source, index, typ, where)
         if key is not None:
-            multiparams = [_fill_params(p, key, index, typ, where) for p in multiparams]
+            fill = _fill_params if typ.tenant is None else _tenant_filler(clauseelement)
+            multiparams = [fill(p, key, index, typ, where) for p in multiparams]
             if params:
-                params = _fill_params(params, key, index, typ, where)
+                params = fill(params, key, index, typ, where)
             pk = [c.key for c in index.table.primary_key.columns]
             written = [
                 (p[key], tuple(p[k] for k in pk) if all(k in p for k in pk) else None)
@@ -56,7 +59,7 @@ def _fill_indexes(
             ]
         if isinstance(clauseelement, Insert):
             clauseelement = _fill_upsert(clauseelement, source, index, typ, where)
-            if written and _is_unique(index):
+            if written and _is_unique(index) and typ.tenant is None:
                 _check_other_forms(conn, index, typ, where, written)
     return clauseelement, multiparams, params
 
@@ -99,7 +102,8 @@ def _source_param(
     if isinstance(value, sa.BindParameter) and value.callable is None:
         if value.required:  # bindparam("name"): the value comes with execute()
             return stmt, value.key, []
-        stmt = stmt.values({index.key: typ.compute(value.value, where)})
+        tenant = _tenant_in(stmt, typ, {}) if typ.tenant is not None else None
+        stmt = stmt.values({index.key: typ.compute(value.value, where, tenant)})
         pk = [assigned.get(c.key) for c in index.table.primary_key.columns]
         known = all(isinstance(v, sa.BindParameter) and not v.required for v in pk)
         key = tuple(v.value for v in pk) if known else None  # type: ignore[union-attr]
@@ -301,6 +305,48 @@ def _track_sources(mapper: Mapper[Any], class_: type) -> None:
                 _typ: BlindIndex = typ,
                 _where: str = index_table(index),
             ) -> None:
-                setattr(target, _attr, _typ.compute(value, _where))
+                if _typ.tenant is None:
+                    setattr(target, _attr, _typ.compute(value, _where))
+                else:  # the row's tenant may not be set yet: the write hook computes it
+                    tenant = getattr(target, _typ.tenant, None)
+                    setattr(target, _attr, _typ.compute(value, _where, tenant) if tenant else None)
 
             event.listen(getattr(class_, source_prop.key), "set", on_set)
+
+
+# Tenant-scoped indexes (BlindIndex(..., tenant="tenant_id")): the row's tenant comes from the
+# same parameters, the statement's .values(), or an UPDATE's WHERE tenant_id = ...
+
+
+def _tenant_filler(stmt: Any) -> Any:
+    def fill(
+        p: dict[str, Any], key: str, index: sa.Column[Any], typ: BlindIndex, where: str
+    ) -> dict[str, Any]:
+        if key not in p:
+            return p
+        p = dict(p)
+        p[index.key] = typ.compute(p[key], where, _tenant_in(stmt, typ, p))
+        return p
+
+    return fill
+
+
+def _tenant_in(stmt: Any, typ: BlindIndex, p: dict[str, Any]) -> Any:
+    from .row_binding import _where_params
+
+    name = typ.tenant or ""
+    assigned = {getattr(c, "key", c): v for c, v in (getattr(stmt, "_values", None) or {}).items()}
+    sources = [assigned.get(name)]
+    if isinstance(stmt, Update):
+        sources.append(_where_params(stmt).get(name))
+    for source in sources:
+        if isinstance(source, sa.BindParameter):
+            value = p.get(source.key) if source.required else source.value
+            if value is not None:
+                return value
+    if p.get(name) is not None:
+        return p[name]
+    raise EncryptionError(
+        f"blind index {typ!r} is scoped to tenant column {name!r}, which this statement does "
+        f"not set or select its row by (WHERE {name} = ...): include {name!r} in the write"
+    )

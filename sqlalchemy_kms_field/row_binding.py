@@ -112,6 +112,11 @@ def _where_params(stmt: Any) -> dict[str, Any]:
     return found
 
 
+# The blind-index hook must run first (it hashes the plaintext that this hook then seals), and
+# engine events run in the order they were registered: register it now, whatever imported what.
+from . import blind_index_writes  # noqa: E402, F401
+
+
 @event.listens_for(Engine, "before_execute", retval=True)
 def _seal_bound_values(
     conn: Connection,

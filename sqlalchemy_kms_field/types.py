@@ -24,7 +24,7 @@ from sqlalchemy.sql.elements import Label, UnaryExpression
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
-from . import envelope, metrics, row_binding
+from . import envelope, metrics, row_binding, tenants
 from .blind_index import rewrite_comparison
 from .envelope import DataKey
 from .exc import (
@@ -169,14 +169,23 @@ class _EncryptedType(TypeDecorator[T]):
         pad: int | None,
         default_pad: int = 0,
         bind_to: tuple[str, ...] | list[str] | str = (),
+        tenant: str | None = None,
     ) -> None:
         self.key = envelope.check_key_name(key)
         names = (bind_to,) if isinstance(bind_to, str) else tuple(bind_to)
         if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
             raise ConfigurationError(f"bind_to must name distinct columns, got {bind_to!r}")
+        self._extra_bind = names
+        self.tenant = tenant
+        if tenant is not None:  # a key per tenant (tenants.py): values are bound to the tenant
+            if not isinstance(tenant, str) or not tenant:
+                raise ConfigurationError(f"tenant= must name a column, got {tenant!r}")
+            tenants.check_base(key)
+            names = (tenant, *(n for n in names if n != tenant))
         if names and self._binary:
             raise ConfigurationError(
-                f"{type(self).__name__} cannot be bound to other columns of its row (bind_to): "
+                f"{type(self).__name__} cannot be bound to other columns of its row (bind_to, "
+                "tenant): "
                 "a binary value cannot be read together with them; use EncryptedText or "
                 "EncryptedString for a row-bound value"
             )
@@ -233,6 +242,8 @@ class _EncryptedType(TypeDecorator[T]):
         """The stored form of ``value`` bound to ``row`` (used by the row-binding hook)."""
         self._check_bind_to()
         data = self._serialize(value)
+        if self.tenant is not None:
+            return tenants.seal(self, data, row)
         key = get_registry().active_key(self.key)
         if metrics.ON:
             metrics.encrypted(key)
@@ -265,6 +276,11 @@ class _EncryptedType(TypeDecorator[T]):
         if not self.bind_to:
             return None
         return row_binding.read_expression(self, colexpr)
+
+    @property
+    def _header_name(self) -> str:
+        """The longest key name in this column's headers (a tenant key's name: 63)."""
+        return "x" * 63 if self.tenant is not None else self.key
 
     def context_bytes(self) -> bytes:
         """The associated-data context of this column's values (computed once)."""
@@ -337,13 +353,17 @@ class _EncryptedType(TypeDecorator[T]):
         elif not isinstance(value, str):
             raise self._not_ours(value)
         ctx: bytes | None = None
+        row: list[tuple[str, str]] = []
         if self.bind_to:
             value, row = row_binding.split(self, value)
             ctx = self.row_context(row)
         found = envelope.parse(value)
         if found is None:
             return self._plaintext_or_fail(value)
-        key = self._key(found[1], found[2])
+        if self.tenant is not None:
+            key = tenants.read_key(self, found[1], found[2], row)
+        else:
+            key = self._key(found[1], found[2])
         if ctx is None:
             ctx = self.context_bytes()
         try:
@@ -415,6 +435,9 @@ class _EncryptedType(TypeDecorator[T]):
 
     def result_processor(self, dialect: Dialect, coltype: Any) -> Any:
         general = super().result_processor(dialect, coltype)
+        if general is not None and self.tenant is not None and self.bind_to == (self.tenant,):
+            if not self._impl_processes(dialect, "result", coltype):
+                return tenants.result_processor(self, general)
         if general is None or self._binary or self.bind_to:
             return general
         if self._impl_processes(dialect, "result", coltype):
@@ -549,8 +572,10 @@ class _EncryptedType(TypeDecorator[T]):
         if self.context is not None:
             dotted = any("." in part for part in self.context)
             args.append(f"context={self.context if dotted else '.'.join(self.context)!r}")
-        if self.bind_to:
-            args.append(f"bind_to={self.bind_to!r}")
+        if self.tenant is not None:
+            args.append(f"tenant={self.tenant!r}")
+        if self._extra_bind:
+            args.append(f"bind_to={self._extra_bind!r}")
         if self._explicit_pad is not None:
             args.append(f"pad={self._explicit_pad}")
         if self.accept_plaintext:
@@ -583,8 +608,9 @@ class EncryptedString(_EncryptedType[str]):
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
         bind_to: tuple[str, ...] = (),
+        tenant: str | None = None,
     ) -> None:
-        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to, tenant=tenant)
         self.length = length
         if length is None:
             super().__init__()
@@ -594,7 +620,7 @@ class EncryptedString(_EncryptedType[str]):
     def _stored_length(self) -> int | None:
         if self.length is None:
             return None
-        return envelope.text_length(4 * self.length, self.key, self.pad)
+        return envelope.text_length(4 * self.length, self._header_name, self.pad)
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
@@ -649,8 +675,16 @@ class EncryptedText(EncryptedString):
         *,
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
+        tenant: str | None = None,
     ) -> None:
-        super().__init__(None, key=key, accept_plaintext=accept_plaintext, context=context, pad=pad)
+        super().__init__(
+            None,
+            key=key,
+            accept_plaintext=accept_plaintext,
+            context=context,
+            pad=pad,
+            tenant=tenant,
+        )
 
     def __repr__(self) -> str:
         return self._args_repr()
@@ -674,8 +708,9 @@ class EncryptedBytes(_EncryptedType[bytes]):
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
         bind_to: tuple[str, ...] = (),
+        tenant: str | None = None,
     ) -> None:
-        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to, tenant=tenant)
         self.length = length
         if length is None:
             super().__init__()
@@ -731,8 +766,9 @@ class EncryptedJSON(_EncryptedType[Any]):
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
         bind_to: tuple[str, ...] = (),
+        tenant: str | None = None,
     ) -> None:
-        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to)
+        self._setup(key, accept_plaintext, context, pad, bind_to=bind_to, tenant=tenant)
         super().__init__()
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
@@ -859,16 +895,19 @@ class Encrypted(_EncryptedType[Any]):
         context: str | tuple[str, str] | None = None,
         pad: int | None = None,
         bind_to: tuple[str, ...] = (),
+        tenant: str | None = None,
     ) -> None:
         self.inner = sa.types.to_instance(inner)
         self.codec, self._py_type, self._encode, self._decode = _codec(self.inner)
         default_pad = _default_pad(self.codec, self.inner)
-        self._setup(key, accept_plaintext, context, pad, default_pad, bind_to=bind_to)
-        super().__init__(envelope.text_length(255, self.key, self.pad))
+        self._setup(
+            key, accept_plaintext, context, pad, default_pad, bind_to=bind_to, tenant=tenant
+        )
+        super().__init__(envelope.text_length(255, self._header_name, self.pad))
 
     def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
         if dialect.name in ("mysql", "mariadb"):
-            return self._mysql_text(dialect, envelope.text_length(255, self.key, self.pad))
+            return self._mysql_text(dialect, envelope.text_length(255, self._header_name, self.pad))
         return self.impl_instance
 
     def _serialize(self, value: Any) -> bytes:

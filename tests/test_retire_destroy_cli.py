@@ -257,6 +257,7 @@ def test_scan_progress_bar_on_a_terminal(
     output = b"".join(chunks).decode("utf-8", "replace")
     assert "\x1b[" in output  # drawn for a terminal
     assert "tables" in output
-    # 40, cli_users, and the 6 tables of kms-field setup (3 of them where job workers coordinate)
-    assert "scanned 47 tables" in output
+    # 40, cli_users, and the 7 tables of kms-field setup (3 where job workers coordinate, 1 of
+    # tenant keys)
+    assert "scanned 48 tables" in output
     assert "retired data key 'pii' version 1" in output

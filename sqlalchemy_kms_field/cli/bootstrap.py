@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from .. import census, reencrypt
 from ..key_store import SqlKeyStore
 from ..master_keys import LocalMasterKey
+from ..tenants import tenant_table
 from .app import App
 from .config import ENV, PROG, shown_spec, shown_url
 from .output import add_row, new_table
@@ -55,10 +56,13 @@ def cmd_setup(app: App, args: argparse.Namespace) -> int:
     store = SqlKeyStore(engine)
     from ..reencrypt import tables as job_tables
 
+    tenant_keys = tenant_table(sa.MetaData())
     names = [store.table.name, census.columns_table.name, reencrypt.jobs_table.name]
     names += [t.name for t in job_tables.TABLES]  # where the workers of a job coordinate
+    names.append(tenant_keys.name)
     before = {n: sa.inspect(engine).has_table(n) for n in names}
     store.create_table()
+    tenant_keys.create(engine, checkfirst=True)
     census.create_tables(engine)  # the jobs table too: reencrypt registers it in that metadata
     job_tables.create_tables(engine)
     for n in names:

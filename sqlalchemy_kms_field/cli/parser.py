@@ -25,6 +25,7 @@ from .handlers import (  # each imports its module when its command runs: --help
 )
 from .job_control import add_commands as add_job_control_commands
 from .job_control import add_worker_options
+from .tenants_grammar import add_tenants_commands
 
 if TYPE_CHECKING:
     from .app import App
@@ -123,7 +124,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = group.add_parser(
             name, help=help, description=help, parents=[common], aliases=list(aliases)
         )
-        prefix = "keys " if group is keys_commands else ""
+        prefix = "keys " if group is keys_commands else getattr(group, "_kf_prefix", "")
         p.set_defaults(handler=handler, label=f"{PROG} {prefix}{name}")
         return p
 
@@ -162,6 +163,7 @@ def build_parser(manual: str) -> argparse.ArgumentParser:
     keys_commands = keys.add_subparsers(dest="keys_command", metavar="KEYS_COMMAND", required=True)
     _add_keys_commands(add, keys_commands)
     init_local(keys_commands)  # also `keys init-local`, as the library's messages say
+    add_tenants_commands(commands, add, common, _duration, _add_scan_options)
 
     jobs = [
         ("reencrypt", "reencrypt", "move every row of TABLE.COLUMN to the active key version"),

@@ -48,6 +48,7 @@ from .exc import ConfigurationError
 from .key_store import LIFECYCLE_COLUMNS, SqlKeyStore
 from .lifecycle import rewrap_data_keys
 from .reencrypt import WAIT_LOG, Operation, run_job, unfinished_jobs
+from .reencrypt import tables as job_tables
 from .registry import KeyRegistry, get_registry
 from .tenants import tenant_table
 
@@ -57,8 +58,11 @@ progress_log = logging.getLogger("alembic.kms_field")
 PROGRESS_EVERY = 5.0  # seconds between two progress lines of a column job
 
 
+# Never dropped by autogenerate: the wrapped keys, the job records and checkpoints (ranges,
+# workers and control of a job under way), the census and the tenant keys.
 LIBRARY_TABLES = frozenset(
     {"kms_field_keys", "kms_field_jobs", "kms_field_columns", "kms_field_tenant_keys"}
+    | {table.name for table in job_tables.TABLES}
 )
 
 

@@ -125,6 +125,39 @@ def test_autogenerate_does_not_propose_dropping_the_key_store(
     assert "kms_field_keys" not in code, code
 
 
+@pytest.mark.databases("sqlite")
+def test_autogenerate_leaves_every_table_of_the_library_alone(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a multi-worker job and a tenant key, the database also holds the job's range,
+    worker and control tables and the tenant key table: dropping them would lose the checkpoints
+    of a job under way (or every tenant key)."""
+    from sqlalchemy_kms_field import census
+    from sqlalchemy_kms_field.reencrypt import tables as job_tables
+    from sqlalchemy_kms_field.tenants import tenant_table
+
+    reset_global_registry(monkeypatch)
+    configure_local(engine)
+    census.create_tables(engine)
+    job_tables.create_tables(engine)
+    tenant_table(sa.MetaData()).create(engine)
+    metadata = users_metadata()
+    metadata.create_all(engine)
+    library = set(sa.inspect(engine).get_table_names()) - set(metadata.tables)
+    assert len(library) >= 7, library  # keys, jobs, columns, 3 job tables, tenant keys
+    with engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn,
+            opts={
+                "target_metadata": metadata,
+                "include_object": sqlalchemy_kms_field.alembic_ops.include_object,
+            },
+        )
+        script = produce_migrations(context, metadata)
+    code = render_python_code(script.upgrade_ops)  # type: ignore[arg-type]
+    assert not [name for name in library if name in code], code
+
+
 # A real Alembic environment, run as users run it ------------------------------------------------
 
 MODELS = """

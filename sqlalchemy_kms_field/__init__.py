@@ -27,7 +27,15 @@ if TYPE_CHECKING:
     from .key_store import KeyState, SqlKeyStore, StoredKey
     from .master_keys import AwsKmsMasterKey, LocalMasterKey, MasterKey
     from .metrics import disable_metrics, enable_metrics
-    from .reencrypt import decrypt_column, encrypt_column, reencrypt_column, reindex_column
+    from .reencrypt import (
+        JobCancelled,
+        JobConflictError,
+        Pacing,
+        decrypt_column,
+        encrypt_column,
+        reencrypt_column,
+        reindex_column,
+    )
     from .registry import (
         KeyRegistry,
         configure,
@@ -73,7 +81,16 @@ _WHERE = {
     **dict.fromkeys(("AwsKmsMasterKey", "LocalMasterKey", "MasterKey"), ".master_keys"),
     **dict.fromkeys(("disable_metrics", "enable_metrics"), ".metrics"),
     **dict.fromkeys(
-        ("decrypt_column", "encrypt_column", "reencrypt_column", "reindex_column"), ".reencrypt"
+        (
+            "JobCancelled",
+            "JobConflictError",
+            "Pacing",
+            "decrypt_column",
+            "encrypt_column",
+            "reencrypt_column",
+            "reindex_column",
+        ),
+        ".reencrypt",
     ),
     **dict.fromkeys(
         (
@@ -152,6 +169,8 @@ __all__ = [
     "EncryptedText",
     "EncryptionError",
     "IndexKey",
+    "JobCancelled",
+    "JobConflictError",
     "KeyNotFoundError",
     "KeyRegistry",
     "KeyState",
@@ -160,6 +179,7 @@ __all__ = [
     "LocalMasterKey",
     "MasterKey",
     "MasterKeyError",
+    "Pacing",
     "ReencryptionError",
     "SqlKeyStore",
     "StoredKey",

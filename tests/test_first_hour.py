@@ -164,3 +164,15 @@ def test_without_the_aws_extra_the_command_line_says_which_extra(tmp_path: Path)
         "kms-field: error: AWS KMS master keys need boto3, which is not installed: "
         "pip install 'sqlalchemy-kms-field[aws]'\n"
     )
+
+
+def test_every_public_name_resolves_from_the_package() -> None:
+    """The package loads its names on first use: a name in __all__ that no module defines
+    would only fail in a user's application. Job control is part of the public surface."""
+    import sqlalchemy_kms_field as kf
+
+    unresolved = [name for name in kf.__all__ if getattr(kf, name, None) is None]
+    assert unresolved == []
+    assert issubclass(kf.JobConflictError, kf.ReencryptionError)
+    assert issubclass(kf.JobCancelled, kf.KmsFieldError)
+    assert kf.Pacing.__module__.startswith("sqlalchemy_kms_field.reencrypt")

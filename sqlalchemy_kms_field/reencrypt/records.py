@@ -132,18 +132,26 @@ def unfinished_jobs(conn: Connection | Engine, key: str | None = None) -> list[s
     columns: list[Any] = list(jobs_table.c)
     if inspector.has_table(ranges_table.name):
         # Rows done: those of finished ranges (in the job row) and those of the running ones.
+        # Updated: the last checkpoint of any of its ranges (the job row moves when one ends).
         r = ranges_table.c
+        of_job = [
+            r.table_schema == j.table_schema,
+            r.table_name == j.table_name,
+            r.column_name == j.column_name,
+        ]
         running = (
             sa.select(sa.func.coalesce(sa.func.sum(r.rows_done), 0))
-            .where(
-                r.table_schema == j.table_schema,
-                r.table_name == j.table_name,
-                r.column_name == j.column_name,
-                r.finished_at.is_(None),
-            )
+            .where(*of_job, r.finished_at.is_(None))
             .scalar_subquery()
         )
-        columns[columns.index(j.rows_done)] = (j.rows_done + running).label("rows_done")
+        last_checkpoint = sa.select(sa.func.max(r.updated_at)).where(*of_job).scalar_subquery()
+        # SUM is NUMERIC on PostgreSQL and DECIMAL on MariaDB: the count stays an int.
+        rows_done = sa.cast(j.rows_done + running, sa.BigInteger).label("rows_done")
+        columns[columns.index(j.rows_done)] = rows_done
+        updated_at = sa.func.coalesce(last_checkpoint, j.updated_at)
+        columns[columns.index(j.updated_at)] = sa.type_coerce(updated_at, j.updated_at.type).label(
+            "updated_at"
+        )
     q = sa.select(*columns).where(jobs_table.c.finished_at.is_(None))
     if key is not None:
         q = q.where(jobs_table.c.key_name == key)

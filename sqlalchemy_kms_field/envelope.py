@@ -73,6 +73,21 @@ def check_key_name(name: str) -> str:
     return name
 
 
+_TENANT_PART = re.compile(r"\.[th]\.")
+
+
+def check_new_key_name(name: str) -> str:
+    """``check_key_name``, and not a name of the form tenant keys take (``pii.t.42``,
+    ``pii.h.<hash>``): such a key would share its header, and so every census, with a tenant's."""
+    check_key_name(name)
+    if _TENANT_PART.search(name):
+        raise ConfigurationError(
+            f"invalid key name {name!r}: names containing '.t.' or '.h.' are those of tenant "
+            "keys (data key 'pii' with tenant= names tenant 42's key 'pii.t.42'); choose another"
+        )
+    return name
+
+
 def header(name: str, version: int, fmt: str = FORMAT) -> str:
     """The header of values written under data key ``name`` version ``version``."""
     if not 1 <= version < 10**MAX_VERSION_DIGITS:

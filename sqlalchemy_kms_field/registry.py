@@ -290,7 +290,7 @@ class KeyRegistry:
 
     def create_data_key(self, name: str, *, exist_ok: bool = False) -> DataKey:
         """Create version 1 of ``name``: generated, wrapped, stored, verified, then active."""
-        envelope.check_key_name(name)
+        envelope.check_new_key_name(name)
         if exist_ok and self.key_store.versions(name):
             return self.active_key(name)
         self.prove_master_key(f"create data key {name!r}")
@@ -388,7 +388,7 @@ class KeyRegistry:
 
     def create_index_key(self, name: str, *, exist_ok: bool = False) -> IndexKey:
         """Create version 1 of blind-index key ``name`` (separate from every data key)."""
-        envelope.check_key_name(name)
+        envelope.check_new_key_name(name)
         if exist_ok and self.key_store.versions(name):
             return self.index_keys(name)[0]
         self.prove_master_key(f"create index key {name!r}")

@@ -92,6 +92,19 @@ def test_tenant_key_names() -> None:
     assert tenants.tenant_key_name("pii", "Acme") != tenants.tenant_key_name("pii", "acme")
 
 
+def test_a_data_or_index_key_cannot_take_a_tenant_keys_name(db: sa.Engine) -> None:
+    """A data key named 'pii.t.42' would write tenant 42's header: every census, status and
+    retire scan would count its values as the tenant's (and erasing the tenant as its)."""
+    for name in ("pii.t.42", "pii.h.0123", "a.t.b"):
+        with pytest.raises(kf.ConfigurationError, match="tenant keys") as raised:
+            kf.create_data_key(name)
+        assert name in str(raised.value)
+        with pytest.raises(kf.ConfigurationError, match="tenant keys"):
+            kf.create_index_key(name)
+    kf.create_data_key("pii.tax")  # '.t' not followed by '.': an ordinary name
+    assert not kf.get_registry().key_store.versions("pii.t.42")
+
+
 def test_every_write_path_encrypts_under_the_rows_tenant(db: sa.Engine) -> None:
     import datetime as dt
 

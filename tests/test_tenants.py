@@ -331,3 +331,30 @@ def test_no_tenant_key_or_plaintext_in_errors_reprs_or_logs(
     assert secret not in text
     for spelling in secret_spellings(raw):
         assert spelling not in text
+
+
+@pytest.mark.parametrize("operation", ["reencrypt", "decrypt", "encrypt"])
+def test_a_column_job_on_a_tenant_column_is_refused_naming_tenants_rotate(
+    db: sa.Engine, operation: str
+) -> None:
+    """The column jobs know one data key per column; on a tenant column they must refuse up
+    front, naming the tenant commands, and leave every value as it was."""
+    with Session(db) as session:
+        session.add_all(
+            Account(id=i, tenant_id=str(40 + i % 3), email=f"u{i}@x.test") for i in range(1, 10)
+        )
+        session.commit()
+    before = {i: stored(db, i) for i in range(1, 10)}
+    job = {
+        "reencrypt": kf.reencrypt_column,
+        "decrypt": kf.decrypt_column,
+        "encrypt": kf.encrypt_column,
+    }[operation]
+    with pytest.raises(kf.KmsFieldError, match="tenant") as raised:
+        job(db, "accounts", "email", key="pii")  # type: ignore[operator]
+    assert "kms-field tenants rotate pii --all" in str(raised.value)
+    from sqlalchemy_kms_field.cli.wording import for_cli
+
+    assert "Python" not in for_cli(str(raised.value))
+    assert {i: stored(db, i) for i in range(1, 10)} == before
+    assert read_all(db) == {i: f"u{i}@x.test" for i in range(1, 10)}

@@ -30,6 +30,7 @@ _RULES: list[tuple[re.Pattern[str], str]] = [
         f"`{PROG} setup`",
     ),
     (re.compile(r"LocalMasterKey\.generate_file\(path\) or "), ""),
+    (re.compile(r" \(Python: [^)]*\)"), ""),  # the command is named already
     (
         re.compile(r"\bcontext=('[^']*'): write it as 'table\.column' \(one dot\).*"),
         r"--context \1: write it as TABLE.COLUMN (one dot)",

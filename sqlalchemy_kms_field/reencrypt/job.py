@@ -142,6 +142,8 @@ def run_job(
         raise ConfigurationError(
             f"table {t.fullname!r} has no primary key; re-encryption pages and writes by it"
         )
+    if operation != "reindex":
+        _refuse_tenant_values(engine, col, ref, operation)
     source = None
     bound: list[sa.Column[Any]] = []  # columns of the row the values are bound to
     transform: Any
@@ -412,6 +414,27 @@ def _bound_columns(
             "encrypt it, then reindex the blind index"
         )
     return [t.c[name] for name in names]
+
+
+def _refuse_tenant_values(
+    engine: Engine, col: sa.Column[Any], ref: ColumnRef, operation: Operation
+) -> None:
+    """A column declared with ``tenant=`` holds values under one key per tenant (headers
+    ``kf2:<key>.t.<tenant>:`` or ``kf2:<key>.h.<hash>:``): a column job knows one data key per
+    column, so it would find nothing to do (decrypt) or stop at the first row. Refuse up front."""
+    if census.is_binary(col):
+        return  # tenant keys are for text columns (EncryptedBytes refuses tenant=)
+    key = ref.key
+    under_tenant_keys = sa.or_(col.like(f"kf2:{key}.t.%"), col.like(f"kf2:{key}.h.%"))
+    with engine.connect() as conn:
+        found = conn.execute(sa.select(sa.literal(1)).where(under_tenant_keys).limit(1)).first()
+    if found is not None:
+        raise ConfigurationError(
+            f"{ref} holds values under tenant keys of data key {key!r} (a column declared "
+            f"with tenant=); {operation} works with one data key per column. Rotate the "
+            f"tenants' keys and move their rows with kms-field tenants rotate {key} --all "
+            "(Python: sqlalchemy_kms_field.tenant_rotation.reencrypt_tenants)"
+        )
 
 
 def _kf2_samples(

@@ -38,7 +38,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import flag_modified
 
-from . import envelope
+from . import envelope, metrics
 from .envelope import DataKey
 from .exc import ConfigurationError, DecryptionError, KeyStateError
 from .key_store import KeyState, utc_now
@@ -252,6 +252,8 @@ class TenantKeyring:
             generated = self._create(name, base, tenant)
             rows = self._rows(name)
         self.stats.loads += 1
+        if metrics.ON:
+            metrics.cache_miss("tenant")
         return self._entry_from(base, name, rows, started, generated)
 
     def _entry_from(
@@ -396,6 +398,8 @@ class TenantKeyring:
                 if loaded >= limit:
                     break
                 entry = self._entry_from(base, name, versions, time.monotonic())
+                if metrics.ON:
+                    metrics.cache_miss("tenant")
                 with self._lock:
                     self._cache[name] = entry
                     self._cache.move_to_end(name)
@@ -590,7 +594,10 @@ def seal(typ: _EncryptedType[Any], data: bytes, row: list[tuple[str, str]]) -> s
     from (as the read path does), so a value costs no context encoding or key-name work."""
     keyring = get_keyring()
     if typ.bind_to != (typ.tenant,):
-        return write_key(typ, row).encrypt_text(data, typ.row_context(row), typ.pad)
+        key = write_key(typ, row)
+        if metrics.ON:  # under the column's key: never a series per tenant
+            metrics.tenant_encrypted(typ.key, key.version)
+        return key.encrypt_text(data, typ.row_context(row), typ.pad)
     tenant = row[0][1]
     cached = keyring._writers.get((typ, tenant))
     if cached is not None:
@@ -599,6 +606,8 @@ def seal(typ: _EncryptedType[Any], data: bytes, row: list[tuple[str, str]]) -> s
             keyring._cache.get(name) is entry
             and time.monotonic() - entry.loaded_at < keyring.max_age
         ):
+            if metrics.ON and entry.active is not None:
+                metrics.tenant_encrypted(typ.key, entry.active.version)
             return encrypt(data)
     key = write_key(typ, row)
     entry_now = keyring._cache.get(key.name)
@@ -607,6 +616,8 @@ def seal(typ: _EncryptedType[Any], data: bytes, row: list[tuple[str, str]]) -> s
         if len(keyring._writers) >= keyring.max_keys:
             keyring._writers.clear()
         keyring._writers[(typ, tenant)] = (entry_now, key.name, encrypt)
+    if metrics.ON:
+        metrics.tenant_encrypted(typ.key, key.version)
     return encrypt(data)
 
 
@@ -674,8 +685,8 @@ def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) ->
 
     deserialize = typ._deserializer()
     base = typ.key
-    # tenant text -> (cache entry, tenant key name, header, decrypter); at most max_keys.
-    seen: dict[str, tuple[_Entry, str, str, Callable[[str], bytes]]] = {}
+    # tenant text -> (cache entry, tenant key name, header, decrypter, key); at most max_keys.
+    seen: dict[str, tuple[_Entry, str, str, Callable[[str], bytes], DataKey]] = {}
 
     def learn(stored: str, tenant: str) -> None:
         keyring = get_keyring()
@@ -694,6 +705,7 @@ def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) ->
             name,
             key.header,
             key.text_decrypter(typ.row_context([(typ.tenant or "", tenant)])),
+            key,
         )
 
     def process(value: Any) -> Any:
@@ -715,9 +727,13 @@ def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) ->
                         and time.monotonic() - entry.loaded_at < keyring.max_age
                     ):
                         try:
-                            return deserialize(hit[3](stored))
+                            decoded = deserialize(hit[3](stored))
                         except Exception:  # noqa: S110 - the general path raises, plaintext-free
                             pass
+                        else:
+                            if metrics.ON:
+                                metrics.decrypted(hit[4], typ)
+                            return decoded
                     else:
                         seen.pop(tenant, None)
         return general(value)

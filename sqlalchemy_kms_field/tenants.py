@@ -146,6 +146,7 @@ class CacheStats:
     loads: int = 0  # entries read from the table (first use, expiry or eviction)
     created: int = 0  # tenant keys this process created
     evicted: int = 0
+    loop_loads: int = 0  # loads inside a processor on an event loop (asyncio, not steady state)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -177,8 +178,10 @@ class TenantKeyring:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         # (column type, tenant text) -> (entry, key name, encrypter): see seal()
         self._writers: dict[tuple[Any, str], tuple[_Entry, str, Callable[[bytes], str]]] = {}
-        self._lock = threading.Lock()
-        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._lock = threading.Lock()  # never held across a database call
+        # Held across the load of a tenant's key: the registry's kind of lock, which a task on
+        # an event loop awaits (asyncio.py) instead of blocking the loop's thread.
+        self._stripes = [registry._new_lock() for _ in range(_STRIPES)]
 
     def __repr__(self) -> str:
         return f"TenantKeyring(table={self.table.fullname!r}, max_keys={self.max_keys})"
@@ -245,6 +248,7 @@ class TenantKeyring:
             return entry
 
     def _load(self, name: str, base: str, tenant: str, *, create: bool) -> _Entry:
+        self._check_loop(f"loading the key of tenant {tenant!r} of data key {base!r}", base)
         started = time.monotonic()
         rows = self._rows(name)
         generated: bytes | None = None
@@ -350,6 +354,27 @@ class TenantKeyring:
         self.stats.created += 1
         log.info("tenant key %r version 1 created", name)
         return raw
+
+    def _check_loop(self, what: str, base: str) -> None:
+        """On an event loop, a load is awaited inside SQLAlchemy's greenlet (an AsyncSession
+        or AsyncConnection call); anywhere else it would block the loop: refused, naming the
+        awaitable that does it ahead."""
+        if not self.registry.key_store.is_async:
+            return
+        from sqlalchemy.util.concurrency import in_greenlet
+
+        from .asyncio import _on_loop
+
+        if not _on_loop():
+            return
+        if not in_greenlet():
+            raise ConfigurationError(
+                f"{what} would block the event loop here (outside an AsyncSession or "
+                "AsyncConnection call): call `await sqlalchemy_kms_field.asyncio."
+                f"ensure_tenant_key({base!r}, tenant)` before, or `await sqlalchemy_kms_field."
+                f"asyncio.preload_tenants({base!r})` at start-up"
+            )
+        self.stats.loop_loads += 1
 
     def _unusable(
         self, base: str, tenant: str, entry: _Entry, action: str, version: int | None = None

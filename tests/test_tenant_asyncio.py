@@ -1,5 +1,5 @@
 """Tenant columns in asyncio applications (issue 13 follow-up, point 2): under AsyncSession on
-aiosqlite and asyncpg, the first read of a tenant (its key read from kms_field_tenant_keys)
+aiosqlite, asyncpg and asyncmy (MariaDB), the first read of a tenant (its key read from kms_field_tenant_keys)
 and the first write of a new tenant (its key created) neither fail with MissingGreenlet nor
 deadlock the loop when many tasks touch the same new tenants at once; where no database call
 can be awaited, a clear error names what to call.
@@ -23,7 +23,7 @@ from tests.async_support import StallProbe, async_url
 from tests.helpers import local_master_key, raw_values, reset_global_registry
 from tests.test_asyncio import run_in_thread
 
-pytestmark = pytest.mark.databases("sqlite", "postgresql")
+pytestmark = pytest.mark.databases("sqlite", "postgresql", "mariadb")
 
 
 class Base(DeclarativeBase):

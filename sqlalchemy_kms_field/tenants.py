@@ -345,11 +345,16 @@ class TenantKeyring:
         except sa.exc.OperationalError as exc:
             if self.engine.dialect.name != "sqlite" or "locked" not in str(exc.orig):
                 raise
+            ensure = (
+                "await sqlalchemy_kms_field.asyncio.ensure_tenant_key"
+                if self.registry.key_store.is_async
+                else "kf.ensure_tenant_key"
+            )
             raise ConfigurationError(
                 f"cannot create the key of tenant {tenant!r} of data key {base!r}: the SQLite "
                 "database is locked by a write transaction (yours?). On SQLite the first write "
                 "of a new tenant must come before any other write of its transaction; or "
-                f"create the key first with kf.ensure_tenant_key({base!r}, {tenant!r})"
+                f"create the key first with {ensure}({base!r}, {tenant!r})"
             ) from None
         self.stats.created += 1
         log.info("tenant key %r version 1 created", name)

@@ -1,9 +1,8 @@
 """Tenant columns in asyncio applications (issue 13 follow-up, point 2): under AsyncSession on
-aiosqlite, asyncpg and asyncmy (MariaDB), the first read of a tenant (its key read from kms_field_tenant_keys)
-and the first write of a new tenant (its key created) neither fail with MissingGreenlet nor
-deadlock the loop when many tasks touch the same new tenants at once; where no database call
-can be awaited, a clear error names what to call.
-"""
+aiosqlite, asyncpg and asyncmy (MariaDB), the first read of a tenant (its key read from
+kms_field_tenant_keys) and the first write of a new tenant (its key created) neither fail with
+MissingGreenlet nor deadlock the loop when many tasks touch the same new tenants at once; where
+no database call can be awaited, a clear error names what to call."""
 
 from __future__ import annotations
 

@@ -54,7 +54,9 @@ __all__ = [
     "close",
     "create_data_key",
     "create_index_key",
+    "ensure_tenant_key",
     "preload",
+    "preload_tenants",
     "rotate_data_key",
     "rotate_index_key",
     "run_sync",
@@ -350,6 +352,26 @@ async def preload(names: Iterable[str] | None = None, *, refresh: bool = True) -
 async def close() -> None:
     """Stop the background refresh of the configured registry."""
     await _async_registry().close()
+
+
+async def ensure_tenant_key(key: str, tenant: object) -> DataKey:
+    """``await``-able :func:`sqlalchemy_kms_field.ensure_tenant_key`: the active key of
+    ``tenant`` under data key ``key``, created now if it has none (onboarding a tenant)."""
+    from .tenants import ensure_tenant_key as ensure
+
+    return await run_sync(ensure, key, tenant)
+
+
+async def preload_tenants(key: str, *, limit: int | None = None) -> int:
+    """Unwrap the keys of up to ``limit`` (default: the cache's ``max_keys``) tenants of data
+    key ``key`` now (at start-up, after :func:`preload`): the number of tenants loaded.
+
+    A tenant key not in memory (a new tenant, one past the cache's bounds, or an entry older
+    than its ``max_age``) is read inside the processor that needs it, awaited: the loop serves
+    other tasks meanwhile, but that request holds a second connection of the pool for it."""
+    from .tenants import get_keyring
+
+    return await run_sync(get_keyring().preload, key, limit=limit)
 
 
 def _admin(method: str) -> Callable[..., Awaitable[Any]]:

@@ -18,6 +18,10 @@ Instruments (names follow the OpenTelemetry conventions, ``kms_field.*``):
   to the master key); ``kms_field.key_cache.hits`` (observable; ``kind``): values encrypted or
   decrypted with a key already in memory.
 - ``kms_field.encryptions`` / ``kms_field.decryptions`` (observable; ``key``, ``version``).
+  Values of a column with a key per tenant (``tenant=``) are counted under the column's data
+  key and the tenant key's version, with ``tenant_keys=True``: never per tenant (a million
+  tenants would make a million series). Tenant keys read from their table and unwrapped count
+  as ``kms_field.key_cache.misses`` of ``kind="tenant"``.
 - ``kms_field.decryption.failures`` (counter; ``key``, ``reason``, ``table``, ``column``).
 - ``kms_field.job.rows_done``, ``kms_field.job.rate`` (rows/s), ``kms_field.job.eta`` (s)
   (observable gauges; ``job``): for jobs given ``progress=job_progress("users.email")``.
@@ -42,6 +46,9 @@ ON = False
 
 _encrypted: defaultdict[str, int] = defaultdict(int)  # by key header ("kf2:pii:3:")
 _decrypted: defaultdict[str, int] = defaultdict(int)
+# Tenant keys, by (the column's data key, the tenant key's version): bounded by versions.
+_tenant_encrypted: defaultdict[tuple[str, int], int] = defaultdict(int)
+_tenant_decrypted: defaultdict[tuple[str, int], int] = defaultdict(int)
 _instruments: dict[str, Any] = {}
 _jobs: dict[str, tuple[int, float, float | None]] = {}  # job -> rows done, rate, eta
 _audit: Callable[[DataKey, Any], None] | None = None  # set by audit.set_audit_hook
@@ -85,10 +92,10 @@ def enable_metrics(meter_provider: MeterProvider | None = None) -> None:
         description="Values encrypted or decrypted with a key already in memory",
     )
     meter.create_observable_counter(
-        "kms_field.encryptions", [_observer(_encrypted)], unit="{value}"
+        "kms_field.encryptions", [_observer(_encrypted, _tenant_encrypted)], unit="{value}"
     )
     meter.create_observable_counter(
-        "kms_field.decryptions", [_observer(_decrypted)], unit="{value}"
+        "kms_field.decryptions", [_observer(_decrypted, _tenant_decrypted)], unit="{value}"
     )
     for name, index, unit in (("rows_done", 0, "{row}"), ("rate", 1, "{row}/s"), ("eta", 2, "s")):
         meter.create_observable_gauge(f"kms_field.job.{name}", [_job_observer(index)], unit=unit)
@@ -101,6 +108,8 @@ def disable_metrics() -> None:
     _instruments.clear()
     _encrypted.clear()
     _decrypted.clear()
+    _tenant_encrypted.clear()
+    _tenant_decrypted.clear()
     _jobs.clear()
     ON = _audit is not None
 
@@ -112,9 +121,18 @@ def encrypted(key: DataKey) -> None:
     _encrypted[key.header] += 1
 
 
+def tenant_encrypted(base: str, version: int) -> None:
+    """A value encrypted under version ``version`` of a tenant key of data key ``base``."""
+    _tenant_encrypted[(base, version)] += 1
+
+
 def decrypted(key: DataKey, typ: Any) -> None:
-    """A value of column type ``typ`` decrypted under ``key`` (counted; audited if asked)."""
-    _decrypted[key.header] += 1
+    """A value of column type ``typ`` decrypted under ``key`` (counted; audited if asked).
+    A tenant column's values are counted under the column's key, not the tenant's."""
+    if typ.tenant is None:
+        _decrypted[key.header] += 1
+    else:
+        _tenant_decrypted[(typ.key, key.version)] += 1
     if _audit is not None:
         _audit(key, typ)
 
@@ -147,8 +165,10 @@ def failure_reason(exc: DecryptionError) -> str:
     if isinstance(exc.__cause__, (KeyNotFoundError, KeyStateError)):
         return "key_unavailable"
     text = str(exc)
-    if "values cannot move between keys" in text:
+    if "values cannot move between keys" in text or "cannot move between tenants" in text:
         return "wrong_key"
+    if "erased" in text or "has no usable key version" in text:  # a tenant's key (tenants.py)
+        return "key_unavailable"
     if "is not a valid" in text:
         return "codec"
     if "not sqlalchemy-kms-field ciphertext" in text or "does not parse" in text:
@@ -201,7 +221,9 @@ def _split(header: str) -> tuple[str, int]:
     return name, int(version)
 
 
-def _observer(counts: dict[str, int]) -> Callable[[CallbackOptions], Iterable[Observation]]:
+def _observer(
+    counts: dict[str, int], tenant_counts: dict[tuple[str, int], int]
+) -> Callable[[CallbackOptions], Iterable[Observation]]:
     def observe(options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
@@ -211,6 +233,9 @@ def _observer(counts: dict[str, int]) -> Callable[[CallbackOptions], Iterable[Ob
         return [
             Observation(n, {"key": name, "version": version})
             for (name, version), n in sorted(by_version.items())
+        ] + [
+            Observation(n, {"key": name, "version": version, "tenant_keys": True})
+            for (name, version), n in sorted(list(tenant_counts.items()))
         ]
 
     return observe
@@ -220,6 +245,7 @@ def _observe_hits(options: CallbackOptions) -> Iterable[Observation]:
     from opentelemetry.metrics import Observation
 
     hits = sum(_encrypted.values()) + sum(_decrypted.values())
+    hits += sum(_tenant_encrypted.values()) + sum(_tenant_decrypted.values())
     return [Observation(hits, {"kind": "data"})]
 
 

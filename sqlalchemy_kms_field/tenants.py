@@ -38,7 +38,7 @@ from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm.attributes import flag_modified
 
-from . import envelope
+from . import envelope, metrics
 from .envelope import DataKey
 from .exc import ConfigurationError, DecryptionError, KeyStateError
 from .key_store import KeyState, utc_now
@@ -146,6 +146,7 @@ class CacheStats:
     loads: int = 0  # entries read from the table (first use, expiry or eviction)
     created: int = 0  # tenant keys this process created
     evicted: int = 0
+    loop_loads: int = 0  # loads inside a processor on an event loop (asyncio, not steady state)
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -177,8 +178,10 @@ class TenantKeyring:
         self._cache: OrderedDict[str, _Entry] = OrderedDict()
         # (column type, tenant text) -> (entry, key name, encrypter): see seal()
         self._writers: dict[tuple[Any, str], tuple[_Entry, str, Callable[[bytes], str]]] = {}
-        self._lock = threading.Lock()
-        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+        self._lock = threading.Lock()  # never held across a database call
+        # Held across the load of a tenant's key: the registry's kind of lock, which a task on
+        # an event loop awaits (asyncio.py) instead of blocking the loop's thread.
+        self._stripes = [registry._new_lock() for _ in range(_STRIPES)]
 
     def __repr__(self) -> str:
         return f"TenantKeyring(table={self.table.fullname!r}, max_keys={self.max_keys})"
@@ -245,6 +248,7 @@ class TenantKeyring:
             return entry
 
     def _load(self, name: str, base: str, tenant: str, *, create: bool) -> _Entry:
+        self._check_loop(f"loading the key of tenant {tenant!r} of data key {base!r}", base)
         started = time.monotonic()
         rows = self._rows(name)
         generated: bytes | None = None
@@ -252,6 +256,8 @@ class TenantKeyring:
             generated = self._create(name, base, tenant)
             rows = self._rows(name)
         self.stats.loads += 1
+        if metrics.ON:
+            metrics.cache_miss("tenant")
         return self._entry_from(base, name, rows, started, generated)
 
     def _entry_from(
@@ -339,15 +345,41 @@ class TenantKeyring:
         except sa.exc.OperationalError as exc:
             if self.engine.dialect.name != "sqlite" or "locked" not in str(exc.orig):
                 raise
+            ensure = (
+                "await sqlalchemy_kms_field.asyncio.ensure_tenant_key"
+                if self.registry.key_store.is_async
+                else "kf.ensure_tenant_key"
+            )
             raise ConfigurationError(
                 f"cannot create the key of tenant {tenant!r} of data key {base!r}: the SQLite "
                 "database is locked by a write transaction (yours?). On SQLite the first write "
                 "of a new tenant must come before any other write of its transaction; or "
-                f"create the key first with kf.ensure_tenant_key({base!r}, {tenant!r})"
+                f"create the key first with {ensure}({base!r}, {tenant!r})"
             ) from None
         self.stats.created += 1
         log.info("tenant key %r version 1 created", name)
         return raw
+
+    def _check_loop(self, what: str, base: str) -> None:
+        """On an event loop, a load is awaited inside SQLAlchemy's greenlet (an AsyncSession
+        or AsyncConnection call); anywhere else it would block the loop: refused, naming the
+        awaitable that does it ahead."""
+        if not self.registry.key_store.is_async:
+            return
+        from sqlalchemy.util.concurrency import in_greenlet
+
+        from .asyncio import _on_loop
+
+        if not _on_loop():
+            return
+        if not in_greenlet():
+            raise ConfigurationError(
+                f"{what} would block the event loop here (outside an AsyncSession or "
+                "AsyncConnection call): call `await sqlalchemy_kms_field.asyncio."
+                f"ensure_tenant_key({base!r}, tenant)` before, or `await sqlalchemy_kms_field."
+                f"asyncio.preload_tenants({base!r})` at start-up"
+            )
+        self.stats.loop_loads += 1
 
     def _unusable(
         self, base: str, tenant: str, entry: _Entry, action: str, version: int | None = None
@@ -396,6 +428,8 @@ class TenantKeyring:
                 if loaded >= limit:
                     break
                 entry = self._entry_from(base, name, versions, time.monotonic())
+                if metrics.ON:
+                    metrics.cache_miss("tenant")
                 with self._lock:
                     self._cache[name] = entry
                     self._cache.move_to_end(name)
@@ -590,7 +624,10 @@ def seal(typ: _EncryptedType[Any], data: bytes, row: list[tuple[str, str]]) -> s
     from (as the read path does), so a value costs no context encoding or key-name work."""
     keyring = get_keyring()
     if typ.bind_to != (typ.tenant,):
-        return write_key(typ, row).encrypt_text(data, typ.row_context(row), typ.pad)
+        key = write_key(typ, row)
+        if metrics.ON:  # under the column's key: never a series per tenant
+            metrics.tenant_encrypted(typ.key, key.version)
+        return key.encrypt_text(data, typ.row_context(row), typ.pad)
     tenant = row[0][1]
     cached = keyring._writers.get((typ, tenant))
     if cached is not None:
@@ -599,6 +636,8 @@ def seal(typ: _EncryptedType[Any], data: bytes, row: list[tuple[str, str]]) -> s
             keyring._cache.get(name) is entry
             and time.monotonic() - entry.loaded_at < keyring.max_age
         ):
+            if metrics.ON and entry.active is not None:
+                metrics.tenant_encrypted(typ.key, entry.active.version)
             return encrypt(data)
     key = write_key(typ, row)
     entry_now = keyring._cache.get(key.name)
@@ -607,6 +646,8 @@ def seal(typ: _EncryptedType[Any], data: bytes, row: list[tuple[str, str]]) -> s
         if len(keyring._writers) >= keyring.max_keys:
             keyring._writers.clear()
         keyring._writers[(typ, tenant)] = (entry_now, key.name, encrypt)
+    if metrics.ON:
+        metrics.tenant_encrypted(typ.key, key.version)
     return encrypt(data)
 
 
@@ -674,8 +715,8 @@ def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) ->
 
     deserialize = typ._deserializer()
     base = typ.key
-    # tenant text -> (cache entry, tenant key name, header, decrypter); at most max_keys.
-    seen: dict[str, tuple[_Entry, str, str, Callable[[str], bytes]]] = {}
+    # tenant text -> (cache entry, tenant key name, header, decrypter, key); at most max_keys.
+    seen: dict[str, tuple[_Entry, str, str, Callable[[str], bytes], DataKey]] = {}
 
     def learn(stored: str, tenant: str) -> None:
         keyring = get_keyring()
@@ -694,6 +735,7 @@ def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) ->
             name,
             key.header,
             key.text_decrypter(typ.row_context([(typ.tenant or "", tenant)])),
+            key,
         )
 
     def process(value: Any) -> Any:
@@ -715,9 +757,13 @@ def result_processor(typ: _EncryptedType[Any], general: Callable[[Any], Any]) ->
                         and time.monotonic() - entry.loaded_at < keyring.max_age
                     ):
                         try:
-                            return deserialize(hit[3](stored))
+                            decoded = deserialize(hit[3](stored))
                         except Exception:  # noqa: S110 - the general path raises, plaintext-free
                             pass
+                        else:
+                            if metrics.ON:
+                                metrics.decrypted(hit[4], typ)
+                            return decoded
                     else:
                         seen.pop(tenant, None)
         return general(value)

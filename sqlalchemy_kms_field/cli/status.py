@@ -16,6 +16,7 @@ from .. import lifecycle, metrics, reencrypt
 from ..census import FORMATS, Census, ColumnRef
 from ..exc import KmsFieldError
 from ..key_store import StoredKey
+from ..tenant_census import TenantCensus, tenant_column_census
 from .app import App
 from .config import ENV, PROG
 from .keys import JOB_COMMAND
@@ -29,6 +30,7 @@ from .output import (
     new_table,
     when,
 )
+from .tenant_status import tenant_json, tenant_rows, tenant_table, without_tenant_values
 
 
 def cmd_status(app: App, args: argparse.Namespace) -> int:
@@ -44,8 +46,11 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
         except KmsFieldError as exc:  # a dropped table must not hide the other columns
             problems.append((ref, str(exc)))
     jobs = reencrypt.unfinished_jobs(registry.key_store.engine)
+    # Values under tenant keys (a column declared with tenant=) are counted apart, not "other".
+    tenant = tenant_column_census(registry.key_store.engine, [c.column for c in counts])
+    counts = without_tenant_values(counts, tenant)
     if args.json:
-        print(json.dumps(_status_json(stored, kinds, counts, problems, jobs), indent=2))
+        print(json.dumps(_status_json(stored, kinds, counts, problems, jobs, tenant), indent=2))
         return 0
 
     title = "data keys" if set(kinds.values()) <= {"data"} else "keys"
@@ -61,9 +66,12 @@ def cmd_status(app: App, args: argparse.Namespace) -> int:
         active = registry.key_store.active_version(key)
         job = JOB_COMMAND.get(kinds.get(key, "data"), "reencrypt")
         for c in counts:
-            behind = c.on_other_versions(active) - c.other if active else 0
+            behind = c.on_other_versions(active) - c.other - tenant_rows(tenant, c) if active else 0
             if c.column.key == key and behind:
                 app.say(f"  {c.column}: {behind:,} rows on older versions: {PROG} {job} {c.column}")
+        found = [t for t in tenant.values() if t.column.key == key and t.rows]
+        if found:
+            app.console.print(tenant_table(key, found))
         app.say()
     for ref, problem in problems:
         app.say(f"{ref}: cannot count: {problem}", style="yellow")
@@ -145,6 +153,7 @@ def _status_json(
     counts: Sequence[Census],
     problems: Sequence[tuple[ColumnRef, str]],
     jobs: Sequence[Any],
+    tenant: dict[ColumnRef, TenantCensus],
 ) -> dict[str, object]:
     return {
         "keys": [key_json(k) for k in stored],
@@ -161,6 +170,7 @@ def _status_json(
                 "nulls": c.nulls,
                 "other": c.other,
                 "total": c.total,
+                **tenant_json(tenant.get(c.column)),
             }
             for c in counts
         ],

@@ -50,12 +50,12 @@ What it does, in one run:
    (configured, keys unwrapped, connected), target within 1.2x between the two sizes; the N-row
    figure is the median of the rounds of (b). ``--skip-memory`` leaves out the N/10 run.
 
-``--before DIR`` adds a contender to every round: (c) the same job run by an older copy of the
+``--before DIR`` adds a contender to every round: the same job run by an older copy of the
 package (``DIR`` holds its ``sqlalchemy_kms_field`` folder, e.g. a ``git worktree`` of an older
 commit, imported through ``PYTHONPATH``), from the same state, in the same alternating order, so
-that the two engines are compared in the same conditions. ``--range-rows N`` hands
-``range_rows=N`` to the library's job (b) (one range for the whole table with N above the row
-count), to tell the cost of ranges from the rest.
+that the engines are compared in the same conditions (give it more than once for several).
+``--range-rows N`` hands ``range_rows=N`` to the library's job (b) (one range for the whole
+table with N above the row count), to tell the cost of ranges from the rest.
 
 The default run (1,000,000 rows, 3 rounds) takes a few minutes on 2 cores.
 """
@@ -455,7 +455,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the bench_* tables")
     parser.add_argument(
-        "--before", metavar="DIR", help="also run the job of an older package in DIR, to compare"
+        "--before",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also run the job of an older package in DIR, to compare (repeatable)",
     )
     parser.add_argument("--range-rows", type=int, help="range_rows= of the library's job (b)")
     parser.add_argument("--library-child", metavar="TABLE", help=argparse.SUPPRESS)
@@ -464,8 +468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.library_child:
         library_child(args.url, args.library_child, args.batch_size, args.range_rows)
         return 0
-    if args.before and not os.path.isdir(os.path.join(args.before, "sqlalchemy_kms_field")):
-        parser.error(f"--before {args.before}: that folder holds no sqlalchemy_kms_field package")
+    for folder in args.before:
+        if not os.path.isdir(os.path.join(folder, "sqlalchemy_kms_field")):
+            parser.error(f"--before {folder}: that folder holds no sqlalchemy_kms_field package")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -476,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     master = os.urandom(32)
     drop_tables(engine)
-    names = ("baseline", "library", "before") if args.before else ("baseline", "library")
+    # A contender from an older package is named by its folder.
+    names = ("baseline", "library", *args.before)
     seconds: dict[str, list[float]] = {name: [] for name in names}
     cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     growth: list[tuple[int, dict[str, Any]]] = []
@@ -509,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else:
                     report = library(
                         args.url, master, TABLE, args.rows, args.batch_size,
-                        before=args.before if name == "before" else None,
+                        before=name if name in args.before else None,
                         range_rows=args.range_rows,
                     )  # fmt: skip
                     took = report["seconds"]
@@ -557,17 +563,17 @@ def report_lines(
     rows, median = args.rows, statistics.median
     out = [
         f"bench_rotation: {rows:,} rows, batch size {args.batch_size}, {args.repeat} rounds, {url}",
-        f"  {'':12} {'median s':>9} {'rows/s':>9}   cpu us/row: client server   runs (s)",
+        f"  {'':16} {'median s':>9} {'rows/s':>9}   cpu us/row: client server   runs (s)",
     ]
-    labels = {"baseline": "(a) baseline", "library": "(b) library", "before": "(c) before"}
+    labels = {"baseline": "(a) baseline", "library": "(b) library"}
     for name in seconds:
-        label = labels[name]
+        label = labels.get(name, f"before {os.path.basename(name.rstrip('/'))}")
         m = median(seconds[name])
         client = median(c for c, _ in cpu[name]) / rows * 1e6
         server = median(s for _, s in cpu[name]) / rows * 1e6
         runs = " ".join(f"{s:.2f}" for s in seconds[name])
         out.append(
-            f"  {label:12} {m:9.2f} {rows / m:9,.0f}   {client:17.1f} {server:6.1f}   {runs}"
+            f"  {label:16} {m:9.2f} {rows / m:9,.0f}   {client:17.1f} {server:6.1f}   {runs}"
         )
     ratio = median(seconds["baseline"]) / median(seconds["library"])
     per_round = median(b / x for b, x in zip(seconds["baseline"], seconds["library"], strict=True))
@@ -576,12 +582,12 @@ def report_lines(
         f"  library/baseline rows/s: {ratio:.2f}x (median of per-round ratios "
         f"{per_round:.2f}x)   target >= {TARGET_RATIO}x   {verdict}"
     )
-    if "before" in seconds:
-        pairs = zip(seconds["before"], seconds["library"], strict=True)
-        base, old, new = (median(seconds[k]) for k in ("baseline", "before", "library"))
+    for name in args.before:
+        pairs = zip(seconds[name], seconds["library"], strict=True)
+        base, old, new = (median(seconds[k]) for k in ("baseline", name, "library"))
         out.append(
-            f"  before/baseline rows/s: {base / old:.2f}x; library/before rows/s: {old / new:.2f}x"
-            f" (median of per-round ratios {median(b / x for b, x in pairs):.2f}x)"
+            f"  {name}: before/baseline rows/s {base / old:.2f}x; library/before rows/s "
+            f"{old / new:.2f}x (median of per-round ratios {median(b / x for b, x in pairs):.2f}x)"
         )
     if small is not None:
         ordered = sorted((r for _, r in growth), key=lambda r: r["growth_kib"])

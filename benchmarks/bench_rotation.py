@@ -50,6 +50,13 @@ What it does, in one run:
    (configured, keys unwrapped, connected), target within 1.2x between the two sizes; the N-row
    figure is the median of the rounds of (b). ``--skip-memory`` leaves out the N/10 run.
 
+``--before DIR`` adds a contender to every round: the same job run by an older copy of the
+package (``DIR`` holds its ``sqlalchemy_kms_field`` folder, e.g. a ``git worktree`` of an older
+commit, imported through ``PYTHONPATH``), from the same state, in the same alternating order, so
+that the engines are compared in the same conditions (give it more than once for several).
+``--range-rows N`` hands ``range_rows=N`` to the library's job (b) (one range for the whole
+table with N above the row count), to tell the cost of ranges from the rest.
+
 The default run (1,000,000 rows, 3 rounds) takes a few minutes on 2 cores.
 """
 
@@ -338,7 +345,7 @@ def timed(fn: Callable[[], int]) -> tuple[float, int]:
 # The library's job, in a fresh process ----------------------------------------------------
 
 
-def library_child(url: str, table: str, batch_size: int) -> None:
+def library_child(url: str, table: str, batch_size: int, range_rows: int | None = None) -> None:
     """Run the job in this fresh process; print its time, CPU and peak RSS (JSON)."""
     engine = make_engine(url)
     meter = CpuMeter(engine)
@@ -348,7 +355,8 @@ def library_child(url: str, table: str, batch_size: int) -> None:
     before = peak_rss_reset()
     snapshot = meter.snapshot()
     start = time.perf_counter()
-    result = reencrypt_column(engine, table, "email", key=KEY, batch_size=batch_size)
+    options: dict[str, Any] = {} if range_rows is None else {"range_rows": range_rows}
+    result = reencrypt_column(engine, table, "email", key=KEY, batch_size=batch_size, **options)
     seconds = time.perf_counter() - start
     client, server = meter.since(snapshot)
     after = peak_rss()
@@ -402,11 +410,26 @@ def peak_rss() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
-def library(url: str, master: bytes, table: str, rows: int, batch_size: int) -> dict[str, Any]:
+def library(
+    url: str,
+    master: bytes,
+    table: str,
+    rows: int,
+    batch_size: int,
+    *,
+    before: str | None = None,
+    range_rows: int | None = None,
+) -> dict[str, Any]:
+    """The job in a fresh process: this package's, or with ``before`` the older one in DIR."""
     env = dict(os.environ, **{MASTER_KEY_VARIABLE: base64.b64encode(master).decode("ascii")})
+    extra = []
+    if before is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [before, env.get("PYTHONPATH")]))
+    elif range_rows is not None:
+        extra = ["--range-rows", str(range_rows)]
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--url", url, "--batch-size",
-         str(batch_size), "--library-child", table],
+         str(batch_size), "--library-child", table, *extra],
         env=env, capture_output=True, text=True,
     )  # fmt: skip
     if out.returncode:
@@ -431,12 +454,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--url", default=os.environ.get(URL_VARIABLE, DEFAULT_URL))
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the bench_* tables")
+    parser.add_argument(
+        "--before",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also run the job of an older package in DIR, to compare (repeatable)",
+    )
+    parser.add_argument("--range-rows", type=int, help="range_rows= of the library's job (b)")
     parser.add_argument("--library-child", metavar="TABLE", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.library_child:
-        library_child(args.url, args.library_child, args.batch_size)
+        library_child(args.url, args.library_child, args.batch_size, args.range_rows)
         return 0
+    for folder in args.before:
+        if not os.path.isdir(os.path.join(folder, "sqlalchemy_kms_field")):
+            parser.error(f"--before {folder}: that folder holds no sqlalchemy_kms_field package")
 
     def log(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -447,8 +481,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_before = os.getloadavg()[0]
     master = os.urandom(32)
     drop_tables(engine)
-    seconds: dict[str, list[float]] = {"baseline": [], "library": []}
-    cpu: dict[str, list[tuple[float, float]]] = {"baseline": [], "library": []}
+    # A contender from an older package is named by its folder.
+    names = ("baseline", "library", *args.before)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     growth: list[tuple[int, dict[str, Any]]] = []
     try:
         registry = configure(engine, master)
@@ -466,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for round_ in range(1, args.repeat + 1):
             # Alternate the order so that drift of the machine hits both alike.
-            order = ("baseline", "library") if round_ % 2 else ("library", "baseline")
+            order = names if round_ % 2 else names[::-1]
             for name in order:
                 restore(engine)
                 if name == "baseline":
@@ -477,10 +513,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         raise SystemExit(f"the baseline wrote {written} of {args.rows} rows")
                     check(engine, args.rows, None)
                 else:
-                    report = library(args.url, master, TABLE, args.rows, args.batch_size)
+                    report = library(
+                        args.url, master, TABLE, args.rows, args.batch_size,
+                        before=name if name in args.before else None,
+                        range_rows=args.range_rows,
+                    )  # fmt: skip
                     took = report["seconds"]
                     cpu[name].append((report["client_cpu"], report["server_cpu"]))
-                    growth.append((args.rows, report))
+                    if name == "library":
+                        growth.append((args.rows, report))
                     check(engine, args.rows, emails)
                 seconds[name].append(took)
                 client, server = cpu[name][-1]
@@ -496,7 +537,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin(engine, f"DROP TABLE IF EXISTS {MEMORY_TABLE}")
             create_table(engine, MEMORY_TABLE)
             restore(engine, MEMORY_TABLE, n)
-            small = library(args.url, master, MEMORY_TABLE, n, args.batch_size)
+            small = library(
+                args.url, master, MEMORY_TABLE, n, args.batch_size, range_rows=args.range_rows
+            )
     finally:
         if not args.keep:
             drop_tables(engine)
@@ -520,15 +563,17 @@ def report_lines(
     rows, median = args.rows, statistics.median
     out = [
         f"bench_rotation: {rows:,} rows, batch size {args.batch_size}, {args.repeat} rounds, {url}",
-        f"  {'':12} {'median s':>9} {'rows/s':>9}   cpu us/row: client server   runs (s)",
+        f"  {'':16} {'median s':>9} {'rows/s':>9}   cpu us/row: client server   runs (s)",
     ]
-    for name, label in (("baseline", "(a) baseline"), ("library", "(b) library")):
+    labels = {"baseline": "(a) baseline", "library": "(b) library"}
+    for name in seconds:
+        label = labels.get(name, f"before {os.path.basename(name.rstrip('/'))}")
         m = median(seconds[name])
         client = median(c for c, _ in cpu[name]) / rows * 1e6
         server = median(s for _, s in cpu[name]) / rows * 1e6
         runs = " ".join(f"{s:.2f}" for s in seconds[name])
         out.append(
-            f"  {label:12} {m:9.2f} {rows / m:9,.0f}   {client:17.1f} {server:6.1f}   {runs}"
+            f"  {label:16} {m:9.2f} {rows / m:9,.0f}   {client:17.1f} {server:6.1f}   {runs}"
         )
     ratio = median(seconds["baseline"]) / median(seconds["library"])
     per_round = median(b / x for b, x in zip(seconds["baseline"], seconds["library"], strict=True))
@@ -537,6 +582,13 @@ def report_lines(
         f"  library/baseline rows/s: {ratio:.2f}x (median of per-round ratios "
         f"{per_round:.2f}x)   target >= {TARGET_RATIO}x   {verdict}"
     )
+    for name in args.before:
+        pairs = zip(seconds[name], seconds["library"], strict=True)
+        base, old, new = (median(seconds[k]) for k in ("baseline", name, "library"))
+        out.append(
+            f"  {name}: before/baseline rows/s {base / old:.2f}x; library/before rows/s "
+            f"{old / new:.2f}x (median of per-round ratios {median(b / x for b, x in pairs):.2f}x)"
+        )
     if small is not None:
         ordered = sorted((r for _, r in growth), key=lambda r: r["growth_kib"])
         large = ordered[len(ordered) // 2] if ordered else None  # the median round

@@ -270,9 +270,9 @@ def test_reencrypt_moves_every_row_whatever_the_primary_key(
     starts: list[Any] = []
     real_sweep = sweep._Job.sweep
 
-    def spy(job: Any, claim: Any, owner: str) -> None:
+    def spy(job: Any, claim: Any, owner: str, *ahead: Any) -> None:
         starts.append(claim.start)
-        real_sweep(job, claim, owner)
+        real_sweep(job, claim, owner, *ahead)
 
     monkeypatch.setattr(sweep._Job, "sweep", spy)
     result = reencrypt_column(engine, "people", "email", key="pii", batch_size=4)

@@ -13,6 +13,7 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -269,6 +270,7 @@ class Beat:
     paused: bool
     ended: bool
     lease_kept: bool
+    lost: tuple[int, ...] = ()  # of the ranges ``also`` named, those whose lease was not kept
 
 
 def beat(
@@ -281,12 +283,15 @@ def beat(
     rate: float,
     state: str,
     lease: float,
+    also: Sequence[int] = (),
 ) -> Beat:
-    """A worker's heartbeat: renew its range's lease, report itself, read pause and cancel."""
+    """A worker's heartbeat: renew its range's lease (and those of the ranges it claimed
+    ahead, ``also``), report itself, read pause and cancel."""
     with engine.begin() as conn:
         kept = True
         if range_no is not None:
             kept = ranges.renew(conn, run.ref, range_no, worker, lease)
+        lost = tuple(n for n in also if not ranges.renew(conn, run.ref, n, worker, lease))
         conn.execute(
             sa.update(workers_table)
             .where(*_where(workers_table, run.ref), _me(worker))
@@ -300,7 +305,7 @@ def beat(
         )
         ctl = conn.execute(sa.select(control_table).where(*_where(control_table, run.ref))).first()
     ended = ctl is None or ctl.run_id != run.run_id
-    return Beat(paused=bool(ctl and ctl.paused), ended=ended, lease_kept=kept)
+    return Beat(paused=bool(ctl and ctl.paused), ended=ended, lease_kept=kept, lost=lost)
 
 
 def ended(engine: Engine, run: Run) -> bool:

@@ -120,10 +120,20 @@ def _claim_connection(engine: Engine) -> Any:
     return conn
 
 
-def claim(engine: Engine, ref: ColumnRef, run_id: str, owner: str, lease: float) -> Claim | None:
+def claim(
+    engine: Engine,
+    ref: ColumnRef,
+    run_id: str,
+    owner: str,
+    lease: float,
+    *,
+    ahead: bool = False,
+) -> Claim | None:
     """Take the first range nobody holds (or whose lease passed); None if there is none now.
 
-    The finishing step is taken only once every other range has finished.
+    The finishing step is taken only once every other range has finished. ``ahead``: a claim
+    made while this worker still works on a range: never the finishing step, and never a
+    range this worker holds already (its current one, whose rows are being written).
     """
     r = ranges_table.c
     with _claim_connection(engine) as conn, conn.begin():
@@ -134,7 +144,10 @@ def claim(engine: Engine, ref: ColumnRef, run_id: str, owner: str, lease: float)
                 *where(ref),
                 r.run_id == run_id,
                 r.finished_at.is_(None),
-                sa.or_(r.owner.is_(None), r.lease_until < now, r.owner == owner),
+                sa.or_(r.owner.is_(None), r.lease_until < now, r.owner == owner)
+                if not ahead
+                else sa.or_(r.owner.is_(None), sa.and_(r.lease_until < now, r.owner != owner)),
+                *([r.range_no != FINISH] if ahead else []),
             )
             .order_by(r.range_no)
             .limit(1)
@@ -175,6 +188,21 @@ def renew(conn: Connection, ref: ColumnRef, range_no: int, owner: str, lease: fl
         .values(lease_until=until)
     )
     return done.rowcount == 1
+
+
+def release(conn: Connection, ref: ColumnRef, range_nos: Sequence[int], owner: str) -> None:
+    """Free ranges this worker holds and has not finished (any worker may claim them now)."""
+    r = ranges_table.c
+    conn.execute(
+        sa.update(ranges_table)
+        .where(
+            *where(ref),
+            r.range_no.in_(range_nos),
+            r.owner == owner,
+            r.finished_at.is_(None),
+        )
+        .values(owner=None, lease_until=None)
+    )
 
 
 def finish(conn: Connection, ref: ColumnRef, range_no: int, owner: str) -> sa.Row[Any]:

@@ -4,6 +4,7 @@ with compare-and-swap together with its checkpoint, retrying what the database r
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -118,27 +119,41 @@ class _Job:
             else None
         )
 
-    def sweep(self, claim: Claim, owner: str) -> None:
-        """Every row to do in the range ``claim`` holds, after its checkpoint."""
-        self.claim, self.owner = claim, owner
-        last = claim.start
+    def sweep(
+        self,
+        claim: Claim,
+        owner: str,
+        next_claim: Callable[[], Claim | None] | None = None,
+        range_done: Callable[[Claim], None] | None = None,
+    ) -> None:
+        """Every row to do in the range ``claim`` holds, after its checkpoint; then, while
+        ``next_claim`` gives one, in the next range, each ended by ``range_done``.
+
+        ``next_claim`` is called as soon as the last page of a range is read, while that
+        range's last batches are still computed and written (the read-ahead runs on across
+        ranges instead of draining at each one's end); ``range_done(claim)`` is called once
+        every batch of that range is committed, before any batch of the next one is.
+        """
+        self.owner = owner
         if not self.pipelined:
-            while True:
-                started = time.monotonic()
-                batch = self._read(last)
-                if batch is None:
-                    return
-                self._commit(batch)
-                self._pace(batch, started)
-                last = batch.last
+            following: Claim | None = claim
+            while following is not None:
+                self._sweep_one(following)
+                if range_done is not None:
+                    range_done(following)
+                following = next_claim() if next_claim is not None else None
+            return
         # Three stages: a thread fetches the next pages (keyset paging needs only the last key
-        # of the page before), a thread decrypts and encrypts them (holding the GIL), and this
-        # thread writes and commits (the driver releases the GIL while the database works).
-        # Fetching ahead keeps the computing thread from waiting for the database; at most four
-        # pages are in memory. Batches are disjoint key ranges, every write is compare-and-swap
-        # and commits with its own checkpoint, so the overlap changes nothing.
+        # of the page before) and, at a range's end, claims the next range; a thread decrypts
+        # and encrypts them (holding the GIL); and this thread writes and commits (the driver
+        # releases the GIL while the database works). Fetching ahead keeps the computing
+        # thread from waiting for the database; at most four pages are in memory. Batches are
+        # disjoint key ranges, every write is compare-and-swap and commits with its own
+        # range's checkpoint, and a range is finished only after its last batch committed, so
+        # the overlap changes nothing.
         pages: queue.Queue[Any] = queue.Queue(maxsize=1)
         stop = threading.Event()
+        END = object()  # after a range's last page: (claim, END); after the last range: None
 
         def hand_over(item: Any) -> None:
             while not stop.is_set():
@@ -148,52 +163,76 @@ class _Job:
                 except queue.Full:
                     continue
 
-        def fetch_all(last: tuple[Any, ...] | None) -> None:
+        def fetch_all(claim: Claim | None) -> None:
             try:
-                while not stop.is_set():
-                    rows = self._fetch(last)
-                    hand_over(rows)
-                    if not rows:
-                        return
-                    last = tuple(rows[-1][: len(self.pk)])
+                while claim is not None and not stop.is_set():
+                    last = claim.start
+                    while not stop.is_set():
+                        rows = self._fetch(claim, last)
+                        if not rows:
+                            break
+                        hand_over((claim, rows))
+                        last = tuple(rows[-1][: len(self.pk)])
+                    hand_over((claim, END))
+                    if stop.is_set() or next_claim is None:
+                        break
+                    claim = next_claim()
+                hand_over(None)
             except BaseException as exc:  # handed to this thread, which raises it
                 hand_over(exc)
 
         with ThreadPoolExecutor(2, thread_name_prefix="kms-field") as pool:
-            pool.submit(fetch_all, last)
-            computing: Future[_Batch] | None = None
+            pool.submit(fetch_all, claim)
+            # In order: batches computing or computed, and range ends. The newest stays in
+            # flight while the one before is written (or its range finished).
+            ahead: collections.deque[tuple[Claim, Future[_Batch] | None]] = collections.deque()
             try:
                 while True:
                     started = time.monotonic()
-                    rows = pages.get()
-                    if isinstance(rows, BaseException):
-                        raise rows
-                    upcoming = pool.submit(self._compute, rows) if rows else None
-                    if computing is not None:
+                    item = pages.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item is not None:
+                        held, rows = item
+                        computing = None if rows is END else pool.submit(self._compute, rows)
+                        ahead.append((held, computing))
+                    while ahead and (len(ahead) > 1 or item is None):
+                        held, computing = ahead.popleft()
+                        if computing is None:
+                            if range_done is not None:
+                                range_done(held)
+                            continue
                         batch = computing.result()
-                        self._commit(batch)
+                        self._commit(batch, held)
                         self._pace(batch, started)
-                    if upcoming is None:
+                    if item is None:
                         return
-                    computing = upcoming
             finally:
                 stop.set()
+
+    def _sweep_one(self, claim: Claim) -> None:
+        """One range, one batch after the other (SQLite: no second connection reading)."""
+        last = claim.start
+        while True:
+            started = time.monotonic()
+            rows = self._fetch(claim, last)
+            if not rows:
+                return
+            batch = self._compute(rows)
+            self._commit(batch, claim)
+            self._pace(batch, started)
+            last = batch.last
 
     def _pace(self, batch: _Batch, started: float) -> None:
         if self.rate:
             time.sleep(max(0.0, batch.count / self.rate - (time.monotonic() - started)))
 
-    def _read(self, last: tuple[Any, ...] | None) -> _Batch | None:
-        """The next page of rows to do after ``last``, computed; None when there is none."""
-        rows = self._fetch(last)
-        return self._compute(rows) if rows else None
-
-    def _fetch(self, last: tuple[Any, ...] | None) -> Sequence[Any]:
-        """The next page of rows to do after ``last`` (empty when there is none)."""
+    def _fetch(self, claim: Claim, last: tuple[Any, ...] | None) -> Sequence[Any]:
+        """The next page of rows to do in ``claim``'s range after ``last`` (empty: none)."""
         page, params = self.page, {}
         if last is not None:
             page, params = self.next_page, {f"last_{i}": v for i, v in enumerate(last)}
-        upto = self.claim.upto if self.claim is not None else None
+        upto = claim.upto
         if upto is not None:
             page = self.page_upto if last is None else self.next_page_upto
             params.update({f"upto_{i}": v for i, v in enumerate(upto)})
@@ -214,16 +253,16 @@ class _Job:
 
         return self._retrying(read)
 
-    def _commit(self, batch: _Batch) -> None:
-        """Write a batch and its checkpoint in one transaction."""
-        assert self.claim is not None, "a sweep runs in a range"
+    def _commit(self, batch: _Batch, claim: Claim) -> None:
+        """Write a batch and its checkpoint on ``claim``'s range in one transaction."""
+        self.claim = claim  # the range written now (a worker's gate checks its lease)
         self.gate()
         checkpoint = {
             "last_key": _dump_key(batch.last),
             "n": len(batch.rows),
             "s": batch.skipped,
             "now": _now(),
-            "cp_range": self.claim.range_no,
+            "cp_range": claim.range_no,
             "cp_owner": self.owner,
         }
 

@@ -63,6 +63,10 @@ class Worker:
         self.paused = False
         self.ended = False
         self.lost: set[int] = set()  # ranges whose lease a heartbeat found taken over
+        # Ranges claimed ahead (while the one before ends) and not finished yet: their leases
+        # are renewed with the heartbeat too. Written by the sweep's threads.
+        self.ahead: set[int] = set()
+        self._ahead_lock = threading.Lock()
         self._stop = threading.Event()
         job.gate = self.gate
         if pace is not None:
@@ -73,8 +77,9 @@ class Worker:
     def gate(self) -> None:
         if self.ended:
             raise self._over()
-        if self.range_no is not None and self.range_no in self.lost:
-            raise LeaseLost(f"range {self.range_no} of {self.run_.ref}")
+        writing = self.job.claim  # the range of the batch about to be written, if any
+        if writing is not None and writing.range_no in self.lost:
+            raise LeaseLost(f"range {writing.range_no} of {self.run_.ref}")
         state = self.state
         while self.paused and not self.ended:
             self.state = "paused"
@@ -142,22 +147,52 @@ class Worker:
                     self.finish(self, claim)
                     return True
                 self.state = "working"
-                self.job.sweep(claim, self.id)
-                self.gate()
-                with self.engine.begin() as conn:
-                    row = ranges.finish(conn, ref, claim.range_no, self.id)
-                    add_rows_done(conn, ref, run.operation, row)
+                self.job.sweep(claim, self.id, self._claim_ahead, self._range_done)
             except _Finished:
                 return False
-            except LeaseLost:
+            except LeaseLost as lost:
                 log.warning(
-                    "%s: worker %s lost its lease on range %d (another worker resumes it)",
+                    "%s: worker %s lost its lease on %s (another worker resumes it)",
                     ref,
                     self.id,
-                    claim.range_no,
+                    str(lost).partition(" of ")[0],
                 )
             finally:
-                self.range_no = None
+                self.range_no, self.job.claim = None, None
+                self._release_ahead()
+
+    def _claim_ahead(self) -> Claim | None:
+        """The next range, claimed while the current one's last batches are written (in the
+        sweep's reading thread); None if none is free now (or the job is paused or over):
+        the claim loop then takes over, which also takes the finishing step."""
+        if self.paused or self.ended:
+            return None
+        claim = ranges.claim(
+            self.engine, self.run_.ref, self.run_.run_id, self.id, self.lease, ahead=True
+        )
+        if claim is not None:
+            with self._ahead_lock:
+                self.lost.discard(claim.range_no)
+                self.ahead.add(claim.range_no)
+        return claim
+
+    def _range_done(self, claim: Claim) -> None:
+        """Every batch of ``claim``'s range is committed: finish it (only if still held)."""
+        self.gate()
+        with self.engine.begin() as conn:
+            row = ranges.finish(conn, self.run_.ref, claim.range_no, self.id)
+            add_rows_done(conn, self.run_.ref, self.run_.operation, row)
+        with self._ahead_lock:  # the heartbeat renews the next range as the current one now
+            self.ahead.discard(claim.range_no)
+            self.range_no = min(self.ahead) if self.ahead else None
+
+    def _release_ahead(self) -> None:
+        """Ranges claimed ahead but not done (the sweep stopped): free them for any worker."""
+        with self._ahead_lock:
+            held, self.ahead = sorted(self.ahead), set()
+        if held:
+            with self.engine.begin() as conn:
+                ranges.release(conn, self.run_.ref, held, self.id)
 
     def _job_finished(self) -> bool:
         with self.engine.connect() as conn:
@@ -172,7 +207,9 @@ class Worker:
             result = self.job.result
             rows = result.rows_written + result.rows_conflicted
             now = time.monotonic()
-            holding = self.range_no  # (the range may finish while this beat runs)
+            with self._ahead_lock:
+                holding = self.range_no  # (the range may finish while this beat runs)
+                ahead = sorted(self.ahead - {holding})
             rate = (rows - last_rows) / max(now - last_time, 1e-6)
             last_rows, last_time = rows, now
             try:
@@ -185,6 +222,7 @@ class Worker:
                     rate=rate,
                     state=(self.pace.state if self.pace else "") or self.state,
                     lease=self.lease,
+                    also=ahead,
                 )
             except Exception as exc:  # the lease may pass meanwhile; the checkpoints say so
                 log.warning(
@@ -192,8 +230,10 @@ class Worker:
                 )
                 continue
             self.paused, self.ended = beat.paused, beat.ended
-            if holding is not None and not beat.lease_kept and holding == self.range_no:
-                self.lost.add(holding)
+            with self._ahead_lock:
+                if holding is not None and not beat.lease_kept and holding == self.range_no:
+                    self.lost.add(holding)
+                self.lost.update(n for n in beat.lost if n in self.ahead)
 
 
 def add_rows_done(conn: Connection, ref: ColumnRef, operation: Operation, row: Any) -> None:

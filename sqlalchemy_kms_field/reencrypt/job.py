@@ -142,7 +142,7 @@ def run_job(
         raise ConfigurationError(
             f"table {t.fullname!r} has no primary key; re-encryption pages and writes by it"
         )
-    if operation != "reindex":
+    if operation != "reindex" and not join:  # checked once, when the job starts
         _refuse_tenant_values(engine, col, ref, operation)
     source = None
     bound: list[sa.Column[Any]] = []  # columns of the row the values are bound to
@@ -422,11 +422,21 @@ def _refuse_tenant_values(
     """A column declared with ``tenant=`` holds values under one key per tenant (headers
     ``kf2:<key>.t.<tenant>:`` or ``kf2:<key>.h.<hash>:``): a column job knows one data key per
     column, so it would find nothing to do (decrypt) or stop at the first row. Refuse up front."""
+    from ..tenants import TABLE_NAME, tenant_table
+
     if census.is_binary(col):
         return  # tenant keys are for text columns (EncryptedBytes refuses tenant=)
     key = ref.key
+    tenant_keys = tenant_table(sa.MetaData())
     under_tenant_keys = sa.or_(col.like(f"kf2:{key}.t.%"), col.like(f"kf2:{key}.h.%"))
     with engine.connect() as conn:
+        if not sa.inspect(conn).has_table(TABLE_NAME):
+            return
+        # The column is scanned only if data key `key` has tenant keys at all (an index lookup):
+        # a job on a billion rows of an ordinary column does not pay a scan for this check.
+        has_tenants = sa.select(tenant_keys.c.version).where(tenant_keys.c.base == key).limit(1)
+        if conn.execute(has_tenants).first() is None:
+            return
         found = conn.execute(sa.select(sa.literal(1)).where(under_tenant_keys).limit(1)).first()
     if found is not None:
         raise ConfigurationError(

@@ -95,7 +95,8 @@ def tenant_bases(
         return {str(b) for b in conn.execute(sa.select(t.c.base).distinct()).scalars()}
 
 
-def _is_tenant_value(col: sa.ColumnElement[Any], base: str) -> sa.ColumnElement[bool]:
+def is_tenant_value(col: sa.ColumnElement[Any], base: str) -> sa.ColumnElement[bool]:
+    """``col`` holds a value under a tenant key of data key ``base`` (exact header prefix)."""
     return sa.or_(
         *(starts_with(col, f"{fmt}:{base}.{kind}.") for fmt in FORMATS for kind in ("t", "h"))
     )
@@ -110,7 +111,7 @@ def count_tenant_versions(conn: Connection, table: sa.Table, ref: ColumnRef) -> 
     col = table.c[ref.column]
     if isinstance(col.type, sa.types._Binary):
         return found  # tenant keys are for text columns only
-    mine = _is_tenant_value(col, ref.key)
+    mine = is_tenant_value(col, ref.key)
     version = _Version(col)
     for v, n in conn.execute(
         sa.select(version, sa.func.count()).where(mine).group_by(version)

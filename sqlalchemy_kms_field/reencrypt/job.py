@@ -422,13 +422,14 @@ def _refuse_tenant_values(
     """A column declared with ``tenant=`` holds values under one key per tenant (headers
     ``kf2:<key>.t.<tenant>:`` or ``kf2:<key>.h.<hash>:``): a column job knows one data key per
     column, so it would find nothing to do (decrypt) or stop at the first row. Refuse up front."""
+    from ..tenant_census import is_tenant_value
     from ..tenants import TABLE_NAME, tenant_table
 
     if census.is_binary(col):
         return  # tenant keys are for text columns (EncryptedBytes refuses tenant=)
     key = ref.key
     tenant_keys = tenant_table(sa.MetaData())
-    under_tenant_keys = sa.or_(col.like(f"kf2:{key}.t.%"), col.like(f"kf2:{key}.h.%"))
+    under_tenant_keys = is_tenant_value(col, key)
     with engine.connect() as conn:
         if not sa.inspect(conn).has_table(TABLE_NAME):
             return

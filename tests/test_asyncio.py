@@ -254,8 +254,11 @@ def test_a_rotation_by_another_process_is_picked_up_without_a_stall(
 ) -> None:
     """An asyncpg application serves concurrent requests while another process rotates the
     key and re-encrypts the column: the application writes under the new version within
-    active_ttl of the rotation, every row stays readable, no processor loads a key, and the
-    event loop never stalls for more than a few milliseconds."""
+    active_ttl of the rotation, every row stays readable, the event loop never stalls for more
+    than a few milliseconds, and a processor loads a key at most once: when a request reads a
+    row the other process re-encrypted before this one's background refresh saw the new
+    version (the job starts right after the rotation), one task reads that version and unwraps
+    it, awaited, while the others wait for it (single flight)."""
     active_ttl = 1.0
 
     async def scenario() -> dict[str, Any]:
@@ -339,7 +342,9 @@ def test_a_rotation_by_another_process_is_picked_up_without_a_stall(
     assert figures["job"]["finished"] is True
     assert figures["picked_up_after"] is not None
     assert figures["picked_up_after"] < active_ttl  # background refresh every active_ttl / 2
-    assert figures["loop_loads"] == 0
+    # 0, or 2 (the wrapped key fetched and unwrapped once) when the race above happened: never
+    # one load per request or per row.
+    assert figures["loop_loads"] in (0, 2)
     # The stall while a key refresh runs: a few milliseconds (see benchmarks/bench_async.py
     # and the README); generous here, because other test sessions share the cores.
     assert figures["refreshes"] >= 2

@@ -28,7 +28,6 @@ the library's code sync and bridges it the same way (``greenlet_spawn`` / ``awai
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import threading
 import time
@@ -205,13 +204,16 @@ class AsyncKeyRegistry(KeyRegistry):
             if not in_greenlet():
                 raise _would_block(f"unwrapping key {stored.name!r} version {stored.version}")
             self.loop_loads += 1
-            return self._unwrap_in_thread(stored)
         return super()._unwrap(stored)
 
-    def _unwrap_in_thread(self, stored: StoredKey) -> bytes:
-        """The master key's call (KMS over HTTP) in a worker thread; this task awaits it."""
-        work = functools.partial(KeyRegistry._unwrap, self, stored)
-        return await_only(asyncio.to_thread(work))
+    def _master_call(self, call: Callable[..., T], *args: Any) -> T:
+        """The master key's call (KMS over HTTP) in a worker thread where this runs in
+        SQLAlchemy's greenlet on the loop (a processor's load, the background refresh, an
+        awaited rotation): this task awaits it and the loop serves the others meanwhile."""
+        if _on_loop() and in_greenlet():
+            result: T = await_only(asyncio.to_thread(call, *args))
+            return result
+        return call(*args)
 
     # Preload and background refresh ----------------------------------------------------------
 
@@ -266,13 +268,13 @@ class AsyncKeyRegistry(KeyRegistry):
         if stored.kind == "index":
             with self._lock_for(("index", name, version)):
                 if (name, version) not in self._index_keys:
-                    key = IndexKey(name, version, self._unwrap_in_thread(stored))
+                    key = IndexKey(name, version, KeyRegistry._unwrap(self, stored))
                     self._index_keys[(name, version)] = key
             return
         head = header(name, version)[:-1]
         with self._lock_for(head):
             if head not in self._keys:
-                self._keys[head] = DataKey(name, version, self._unwrap_in_thread(stored))
+                self._keys[head] = DataKey(name, version, KeyRegistry._unwrap(self, stored))
 
     def _apply_and_warm(self, stored: list[StoredKey], started: float) -> None:
         with self._refresh_lock:
@@ -336,9 +338,8 @@ def _async_registry() -> AsyncKeyRegistry:
 
 async def run_sync(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a sync function of this library (``store.create_table``, ``registry.retire``...)
-    where its key-store calls can await the async engine. The master key's own calls made
-    for new versions (GenerateDataKey) still run on the loop: keep rotations out of request
-    handling (they are rare: a migration, the CLI, an admin task)."""
+    where its key-store calls await the async engine and its master-key calls (KMS) run in a
+    worker thread: the loop serves other tasks meanwhile."""
     result: T = await greenlet_spawn(fn, *args, **kwargs)
     return result
 

@@ -14,9 +14,9 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 
@@ -334,12 +334,14 @@ class KeyRegistry:
 
     def _generate_and_verify(self, name: str, version: int, kind: str) -> bytes:
         context = self.context(name, version, kind)
-        plaintext, wrapped, master_key_id = self.master_key.generate_data_key(context)
+        generated = self._master_call(self.master_key.generate_data_key, context)
+        plaintext, wrapped, master_key_id = generated
         self.key_store.store_wrapped(name, version, wrapped, master_key_id)
         # Invariant 3: read back what was stored and unwrap it again before anything is
         # written under this version.
         stored = self.key_store.get(name, version)
-        again = self._master_for(stored).unwrap(stored.wrapped_key, context, stored.master_key_id)
+        master = self._master_for(stored)
+        again = self._master_call(master.unwrap, stored.wrapped_key, context, stored.master_key_id)
         if not hmac.compare_digest(again, plaintext):
             raise MasterKeyError(
                 f"{kind} key {name!r} version {version} did not verify: the stored wrapped key "
@@ -483,13 +485,19 @@ class KeyRegistry:
         if metrics.ON:
             metrics.cache_miss(stored.kind)
         try:
-            return master.unwrap(stored.wrapped_key, context, stored.master_key_id)
+            return self._master_call(
+                master.unwrap, stored.wrapped_key, context, stored.master_key_id
+            )
         except MasterKeyError as exc:
             raise MasterKeyError(
                 f"{stored.kind} key {stored.name!r} version {stored.version} (wrapped by "
                 f"{stored.master_key_id}) does not unwrap: {exc}",
                 code=exc.code,
             ) from exc
+
+    def _master_call(self, call: Callable[..., T], *args: Any) -> T:
+        """A call to the master key (KMS over HTTP); the async registry makes it in a thread."""
+        return call(*args)
 
     def _master_for(self, stored: StoredKey) -> MasterKey:
         """The configured master key that wrapped ``stored``; anything else is refused

@@ -24,7 +24,13 @@ import sqlalchemy_kms_field as kf
 import sqlalchemy_kms_field.asyncio as kfa
 from sqlalchemy_kms_field import registry as kf_registry
 from tests.async_support import PEOPLE, Base, Memo, Person, StallProbe, async_url
-from tests.helpers import MASTER_KEY_B64, local_master_key, raw_values, reset_global_registry
+from tests.helpers import (
+    MASTER_KEY_B64,
+    MASTER_KEY_BYTES,
+    local_master_key,
+    raw_values,
+    reset_global_registry,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -436,3 +442,46 @@ def test_a_failing_background_refresh_fails_closed_after_stale_ttl(
     outcomes = run_in_thread(scenario)
     assert len(outcomes) == 2, outcomes
     assert all(o.startswith("KeyStateError") and "stale_ttl" in o for o in outcomes), outcomes
+
+
+class SlowMasterKey(kf.LocalMasterKey):
+    """A local master key that answers like a slow KMS: each call takes ``delay`` seconds."""
+
+    delay = 0.25
+
+    def generate_data_key(self, context: Any) -> tuple[bytes, bytes, str]:
+        time.sleep(self.delay)
+        return super().generate_data_key(context)
+
+    def unwrap(self, wrapped: bytes, context: Any, master_key_id: str) -> bytes:
+        time.sleep(self.delay)
+        return super().unwrap(wrapped, context, master_key_id)
+
+
+def test_an_awaited_rotation_calls_the_master_key_off_the_loop(aurl: str) -> None:
+    """``await rotate_data_key()`` made its GenerateDataKey and verifying Decrypt on the loop:
+    a slow KMS stalled every request for as long. They run in a worker thread now: the loop
+    keeps ticking while the rotation waits for the master key."""
+
+    async def scenario() -> tuple[float, float, int]:
+        aengine = create_async_engine(aurl)
+        try:
+            store = kf.SqlKeyStore(aengine)
+            await kfa.run_sync(store.create_table)
+            kf.configure(master_key=SlowMasterKey(MASTER_KEY_BYTES), key_store=store)
+            await kfa.create_data_key("pii")
+            probe = StallProbe()
+            probe.start()
+            started = time.monotonic()
+            key = await kfa.rotate_data_key("pii")
+            took = time.monotonic() - started
+            await probe.stop()
+            return took, probe.longest(), key.version
+        finally:
+            await kfa.close()
+            await aengine.dispose()
+
+    took, longest_stall, version = run_in_thread(scenario)
+    assert version == 2
+    assert took >= 2 * SlowMasterKey.delay  # the master key was called (generate, verify)
+    assert longest_stall < SlowMasterKey.delay / 2, longest_stall

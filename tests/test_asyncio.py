@@ -482,6 +482,7 @@ def test_an_awaited_rotation_calls_the_master_key_off_the_loop(aurl: str) -> Non
             await aengine.dispose()
 
     took, longest_stall, version = run_in_thread(scenario)
+    print(f"rotation took {took:.3f} s, the loop stalled at most {longest_stall * 1000:.1f} ms")
     assert version == 2
     assert took >= 2 * SlowMasterKey.delay  # the master key was called (generate, verify)
     assert longest_stall < SlowMasterKey.delay / 2, longest_stall

@@ -12,6 +12,12 @@ but in copies of the tenant key table. Those copies (backups, replicas, WAL) are
 intermediate key that is itself wrapped by the KMS master key: rotating the intermediate key
 (``rewrap_tenant_keys``) and then shredding the master key (``kms-field keys shred``) makes
 them useless too. See the README's "A data key per tenant".
+
+Blind indexes: an index value computed from the tenant's value stays a test of a guess for
+whoever holds the index key, which every tenant shares. Given the application's ``metadata``,
+the census also counts the blind-index columns whose source holds the tenant's values, and the
+destroying step first sets those index values to NULL (in the rows whose source is under the
+tenant's keys); without it they stay, and the README says how to clear them.
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
+from .blind_index import BlindIndex
+from .census import FORMATS, ColumnRef, starts_with
 from .erasure import Erased, vacuum_full
 from .exc import ConfigurationError, KeyNotFoundError, KeyStateError
 from .key_store import KeyState, utc_now
@@ -31,6 +40,16 @@ from .scan import Found, Progress, scan_database
 from .tenants import TenantKeyring, TenantVersion, get_keyring, tenant_key_name
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class IndexValues:
+    """A blind-index column whose source holds the tenant's values: ``rows`` index values
+    computed from them (counted by the census; set to NULL when the keys are destroyed)."""
+
+    column: ColumnRef  # the blind-index column (``key``: its index key)
+    source: str  # the encrypted column it is computed from
+    rows: int
 
 
 @dataclass
@@ -45,6 +64,8 @@ class TenantErasure:
     stage: str
     versions: list[TenantVersion]
     found: list[Found] = field(default_factory=list)  # rows per column, every version summed
+    indexes: list[IndexValues] = field(default_factory=list)  # given the models' metadata
+    indexes_cleared: int = 0  # index values set to NULL by this call
     tables: int = 0
     seconds: float = 0.0
     destroy_after: datetime | None = None  # database clock, UTC
@@ -62,8 +83,10 @@ def tenant_census(
     schemas: Sequence[str] = (),
     progress: Progress | None = None,
     keyring: TenantKeyring | None = None,
+    metadata: sa.MetaData | None = None,
 ) -> TenantErasure:
-    """Rows per table and column under any key version of ``tenant`` (every column scanned)."""
+    """Rows per table and column under any key version of ``tenant`` (every column scanned);
+    with the application's ``metadata``, also the blind-index values computed from them."""
     keyring = get_keyring() if keyring is None else keyring
     text = str(tenant)
     name = tenant_key_name(key, text)
@@ -86,7 +109,63 @@ def tenant_census(
                 for fmt, n in found.by_format.items():
                     seen.by_format[fmt] = seen.by_format.get(fmt, 0) + n
     census.found = list(by_column.values())
+    if metadata is not None:
+        with keyring.engine.connect() as conn:
+            census.indexes = [
+                IndexValues(ref, source, int(conn.execute(count).scalar_one()))
+                for ref, source, count, _ in _index_statements(census, metadata)
+            ]
     return census
+
+
+def _index_statements(
+    census: TenantErasure, metadata: sa.MetaData
+) -> list[tuple[ColumnRef, str, sa.Select[Any], sa.Update]]:
+    """For each blind-index column whose source holds the tenant's values (per ``metadata``):
+    the count of its values in those rows, and the UPDATE setting them to NULL. The statements
+    use bare columns (no column types): nothing is decrypted, hashed or refused."""
+    out = []
+    for found in census.found:
+        ref = found.column
+        declared = metadata.tables.get(f"{ref.schema}.{ref.table}" if ref.schema else ref.table)
+        if declared is None:
+            continue
+        for col in declared.c:
+            typ = col.type
+            if not isinstance(typ, BlindIndex):
+                continue
+            source = declared.c.get(typ.source)
+            if source is None or source.name != ref.column:
+                continue
+            bare = sa.table(
+                ref.table, sa.column(ref.column), sa.column(col.name), schema=ref.schema
+            )
+            mine = sa.or_(
+                *(starts_with(bare.c[ref.column], f"{fmt}:{census.key_name}:") for fmt in FORMATS)
+            )
+            present = sa.and_(mine, bare.c[col.name].is_not(None))
+            count = sa.select(sa.func.count()).select_from(bare).where(present)
+            clear = bare.update().where(present).values({col.name: None})
+            out.append(
+                (ColumnRef(ref.table, col.name, typ.key, ref.schema), ref.column, count, clear)
+            )
+    return out
+
+
+def _clear_indexes(keyring: TenantKeyring, census: TenantErasure, metadata: sa.MetaData) -> None:
+    """Set the tenant's blind-index values to NULL (before its keys go: if this fails, nothing
+    is destroyed and the erasure can be run again)."""
+    with keyring.engine.begin() as conn:
+        for ref, _, _, clear in _index_statements(census, metadata):
+            try:
+                census.indexes_cleared += conn.execute(clear).rowcount
+            except sa.exc.DBAPIError as exc:
+                raise ConfigurationError(
+                    f"cannot set the blind-index values of tenant {census.tenant!r} in {ref} to "
+                    f"NULL ({type(exc.orig).__name__}: is the column NOT NULL?); nothing was "
+                    "destroyed: make the column nullable or delete the tenant's rows, then run "
+                    "the erasure again"
+                ) from None
 
 
 def erase_tenant(
@@ -99,20 +178,27 @@ def erase_tenant(
     schemas: Sequence[str] = (),
     progress: Progress | None = None,
     keyring: TenantKeyring | None = None,
+    metadata: sa.MetaData | None = None,
 ) -> TenantErasure:
     """Erase ``tenant``'s key versions under data key ``key`` (see the module docstring).
 
     Without ``confirm`` it returns the census and changes nothing. With it: retires every
     version, and destroys them once they have been retired for ``grace_period`` seconds on the
     database's clock (``skip_grace_period=True``: now, with a warning in the log).
+    ``metadata`` (the application's models): the blind-index values computed from the
+    tenant's values are counted, and set to NULL just before the keys are destroyed.
     """
     if grace_period < 0:
         raise ConfigurationError(f"grace_period must be 0 or more seconds, got {grace_period}")
     keyring = get_keyring() if keyring is None else keyring
-    census = tenant_census(key, tenant, schemas=schemas, progress=progress, keyring=keyring)
+    census = tenant_census(
+        key, tenant, schemas=schemas, progress=progress, keyring=keyring, metadata=metadata
+    )
     states = {v.state for v in census.versions}
     if states == {KeyState.DESTROYED.value}:
         census.stage = "destroyed"
+        if confirm and metadata is not None and any(i.rows for i in census.indexes):
+            _clear_indexes(keyring, census, metadata)  # erased before they were counted
         return census
     if not confirm:
         return census
@@ -140,6 +226,8 @@ def erase_tenant(
             census.tenant,
             key,
         )
+    if metadata is not None:
+        _clear_indexes(keyring, census, metadata)
     census.erased = _destroy(keyring, census.key_name)
     census.versions = keyring.versions(key, census.tenant)
     census.stage = "destroyed"

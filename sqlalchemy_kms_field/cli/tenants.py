@@ -101,16 +101,33 @@ def _as_column_value(column: sa.Column[Any], text: str) -> Any:
 def cmd_tenants_erase(app: App, args: argparse.Namespace) -> int:
     keyring = _keyring(app, master=False)
     label = f"census of tenant {args.tenant!r} of {args.key!r}"
+    metadata = app.metadata()
     with ScanDisplay(app, label) as display:
         census = tenant_erasure.tenant_census(
-            args.key, args.tenant, schemas=args.schema or (), progress=display, keyring=keyring
+            args.key,
+            args.tenant,
+            schemas=args.schema or (),
+            progress=display,
+            keyring=keyring,
+            metadata=metadata,
         )
     states = ", ".join(f"v{v.version} {v.state}" for v in census.versions)
     app.say(f"tenant {census.tenant!r} of data key {args.key!r}: key {census.key_name} ({states})")
     for found in sorted(census.found, key=lambda f: f.column):
         app.say(f"  {found.column.table}.{found.column.column}: {found.rows} rows")
     app.say(f"  {census.rows} rows in {len(census.found)} columns will become unreadable")
-    if all(v.state == "destroyed" for v in census.versions):
+    for index in census.indexes:
+        app.say(
+            f"  {index.column}: {index.rows} blind-index values (from {index.source}) will be "
+            "set to NULL"
+        )
+    if metadata is None:
+        app.say(
+            "  blind-index values computed from these values are not looked for: set "
+            "KMS_FIELD_MODELS (or --models) to have them set to NULL with the keys"
+        )
+    destroyed = all(v.state == "destroyed" for v in census.versions)
+    if destroyed and not any(i.rows for i in census.indexes):
         app.say("already erased: its key versions are destroyed")
         return 0
     if not args.yes_erase and not _confirmed(app, census.tenant):
@@ -125,7 +142,12 @@ def cmd_tenants_erase(app: App, args: argparse.Namespace) -> int:
         skip_grace_period=args.skip_grace_period,
         schemas=args.schema or (),
         keyring=keyring,
+        metadata=metadata,
     )
+    if done.indexes_cleared:
+        app.say(f"{done.indexes_cleared} blind-index values set to NULL")
+    if destroyed:
+        return 0
     if done.stage == "retired":
         app.say(
             f"retired: every process refuses tenant {done.tenant!r} within active_ttl; "

@@ -55,7 +55,8 @@ def add_tenants_commands(
         "erase",
         cmd_tenants_erase,
         "erase one tenant: show the census of its rows, then retire its keys (unreadable in "
-        "every process); run again after the grace period to destroy them for good",
+        "every process); run again after the grace period to destroy them for good (with "
+        "--models, its blind-index values are set to NULL then too)",
     )
     p.add_argument("key", metavar="KEY", help="the data key named by the column's key=")
     p.add_argument("tenant", metavar="TENANT", help="the tenant id, as its column holds it")

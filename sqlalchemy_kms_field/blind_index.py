@@ -276,8 +276,8 @@ class BlindIndex(TypeDecorator[str]):
                 raise EncryptionError(
                     f"{self!r} is scoped to tenant column {self.tenant!r}: its index value "
                     "needs the row's tenant (write it with the row's tenant column; look up "
-                    "with kf.tenant_match). Reindexing and encrypt_column with index= do not "
-                    "support tenant-scoped indexes yet"
+                    "with kf.tenant_match). encrypt_column with index= does not support "
+                    "tenant-scoped indexes: encrypt the column, then reindex the index"
                 )
             scope = str(tenant).encode("utf-8")
             return len(scope).to_bytes(4, "big") + scope + self._value_data(value)

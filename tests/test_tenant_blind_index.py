@@ -11,6 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import tenants
+from sqlalchemy_kms_field.reencrypt import reindex_column
 from tests.helpers import configure_local, reset_global_registry
 
 
@@ -115,3 +116,28 @@ def test_every_write_keeps_the_index_with_the_tenant(db: sa.Engine) -> None:
     assert find(db, "e@example.com", 43) == [2]
     with pytest.raises(kf.EncryptionError, match="tenant"):
         members.c.email_index.type.compute("x@example.com")  # type: ignore[attr-defined]
+
+
+def test_a_tenant_scoped_index_is_reindexed_after_its_key_rotates(db: sa.Engine) -> None:
+    """Reindex refused tenant-scoped indexes (and any index whose source is bound to its row),
+    so their index key could be rotated but never left behind. It now reads each row's tenant:
+    every value moves to the new version, still scoped to its tenant, and lookups find them."""
+    with db.begin() as conn:
+        conn.execute(
+            members.insert(),
+            [{"id": tenant * 10 + i, "tenant_id": tenant, "email": f"user{i}@example.com"}
+             for tenant in (42, 43) for i in range(3)],
+        )  # fmt: skip
+    kf.rotate_index_key("email-index")
+    before = {row_id: index_of(db, row_id) for row_id in (420, 430)}
+    assert all(v.startswith("kf2:email-index:1:") for v in before.values())
+
+    result = reindex_column(db, members.c.email_index, batch_size=2, wait_for_processes=False)
+    assert result.finished and result.rows_written == 6 and not result.skipped
+    with db.connect() as conn:
+        values = conn.execute(sa.text("SELECT id, email_index FROM members")).all()
+    assert len(values) == 6 and all(v.startswith("kf2:email-index:2:") for _, v in values)
+    assert index_of(db, 420) != index_of(db, 430)  # same email, two tenants: still apart
+    for tenant in (42, 43):
+        for i in range(3):
+            assert find(db, f"USER{i}@example.com", tenant) == [tenant * 10 + i]

@@ -65,7 +65,7 @@ class _Compute:
         for row in rows:
             try:
                 if with_source:
-                    new = transform(row[n], row[n + 1])
+                    new = transform(row[n], row[n + 1], row[n + 2 :])
                 elif self.bound:
                     new = transform.many([row[n]], [row[n + 1 :]])[0]
                 else:

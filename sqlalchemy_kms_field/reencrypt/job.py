@@ -154,6 +154,13 @@ def run_job(
             raise ConfigurationError(f"table {t.fullname!r} has no column {index.source!r}")
         source = t.c[index.source]
         transform = _Reindex(index, target_index, registry, table)
+        for name in transform.bound:
+            if name not in t.c:
+                raise ConfigurationError(
+                    f"reindex of {ref}: table {t.fullname!r} has no column {name!r}, which the "
+                    "source values or the index are bound to"
+                )
+        bound = [t.c[name] for name in transform.bound]
         pending = transform.pending(col, source)
         version: int | None = target_index.version
     else:

@@ -275,6 +275,10 @@ class _Reindex:
 
     Pending: every value not under the active version's header, which includes the context-free
     ``kf1`` values of older releases (same key version, another format).
+
+    A source bound to other columns of its row (``bind_to``, and ``tenant=``, which binds to the
+    tenant column and picks the tenant's key) and a tenant-scoped index need those columns: the
+    job reads them (``bound``, as text) with each row and hands them to :meth:`__call__`.
     """
 
     def __init__(
@@ -284,7 +288,12 @@ class _Reindex:
         self.target = target
         self.registry = registry
         self.fields = index.context_fields(table)
-        self._source_contexts = _source_contexts(index, table)
+        self.source_type = _declared_source(index)
+        typ = self.source_type
+        self.bind_to: tuple[str, ...] = () if typ is None else tuple(typ.bind_to)
+        wanted = [*self.bind_to, *([index.tenant] if index.tenant else [])]
+        self.bound = tuple(dict.fromkeys(wanted))  # read with each row, in this order
+        self._source_contexts = _source_contexts(index, table, typ)
 
     def pending(self, col: sa.Column[Any], source: sa.Column[Any]) -> sa.ColumnElement[bool]:
         return sa.and_(
@@ -292,37 +301,50 @@ class _Reindex:
             sa.or_(col.is_(None), sa.not_(census.starts_with(col, self.target.header))),
         )
 
-    def __call__(self, old: Any, source_value: Any) -> str:
+    def __call__(self, old: Any, source_value: Any, bound: Sequence[str] = ()) -> str:
         binary = not isinstance(source_value, str)
         if binary:
             source_value = bytes(source_value)
         found = envelope.parse_header(source_value)
         if found is None:
             raise KmsFieldError("the source value is not ciphertext (no 'kf1:' or 'kf2:' header)")
-        key = self.registry.data_key(*found)
-        context = self._source_contexts[binary]
+        row = dict(zip(self.bound, bound, strict=True))
+        typ = self.source_type
+        if typ is not None and self.bind_to:
+            context = typ.row_context([(name, row[name]) for name in self.bind_to])
+        else:
+            context = self._source_contexts[binary]
+        if typ is not None and typ.tenant is not None:
+            from ..tenants import read_key
+
+            key = read_key(typ, found[0], found[1], [(typ.tenant, row[typ.tenant])])
+        else:
+            key = self.registry.data_key(*found)
         if binary:
             plaintext = key.decrypt_binary(source_value, context)
         else:
             plaintext = key.decrypt_text(source_value, context)
         value: Any = plaintext if binary else plaintext.decode("utf-8")
-        return self.target.compute(self.index._data(value), self.index._nbytes, self.fields)
+        scope = row[self.index.tenant] if self.index.tenant else None
+        return self.target.compute(self.index._data(value, scope), self.index._nbytes, self.fields)
 
 
-def _source_contexts(index: BlindIndex, table: str) -> dict[bool, bytes]:
-    """The context of the index's encrypted source values (text, binary): the source column's
-    own type where the model declares it, else (table, source, str | bytes)."""
+def _declared_source(index: BlindIndex) -> Any:
+    """The encrypted source column's type where the model declares it (else None)."""
     from ..types import _EncryptedType
 
     for column in index._columns:
         typ = getattr(column.table.c.get(index.source), "type", None)
         if isinstance(typ, _EncryptedType):
-            if typ.bind_to:
-                raise ConfigurationError(
-                    f"reindex of {index.source!r}: its values are bound to "
-                    f"{', '.join(typ.bind_to)} of their row, which reindex does not read yet"
-                )
-            return {typ._binary: typ.context_bytes(), not typ._binary: typ.context_bytes()}
+            return typ
+    return None
+
+
+def _source_contexts(index: BlindIndex, table: str, typ: Any) -> dict[bool, bytes]:
+    """The context of the index's encrypted source values (text, binary): the source column's
+    own type where the model declares it, else (table, source, str | bytes)."""
+    if typ is not None:
+        return {typ._binary: typ.context_bytes(), not typ._binary: typ.context_bytes()}
     return {
         False: envelope.encode_context(table, index.source, "str"),
         True: envelope.encode_context(table, index.source, "bytes"),

@@ -12,6 +12,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import tenants
 from sqlalchemy_kms_field.reencrypt import reindex_column
+from sqlalchemy_kms_field.tenant_erasure import erase_tenant
 from tests.helpers import configure_local, reset_global_registry
 
 
@@ -141,3 +142,22 @@ def test_a_tenant_scoped_index_is_reindexed_after_its_key_rotates(db: sa.Engine)
     for tenant in (42, 43):
         for i in range(3):
             assert find(db, f"USER{i}@example.com", tenant) == [tenant * 10 + i]
+
+
+def test_rows_of_an_erased_tenant_stop_a_reindex_unless_skipped(db: sa.Engine) -> None:
+    with db.begin() as conn:
+        conn.execute(
+            members.insert(),
+            [{"id": tenant * 10 + i, "tenant_id": tenant, "email": f"user{i}@example.com"}
+             for tenant in (42, 43) for i in range(2)],
+        )  # fmt: skip
+    erase_tenant("pii", 43, confirm=True, skip_grace_period=True, metadata=Base.metadata)
+    kf.rotate_index_key("email-index")
+    with pytest.raises(kf.ReencryptionError, match="tenant '43' of data key 'pii' was erased"):
+        reindex_column(db, members.c.email_index, wait_for_processes=False)
+    result = reindex_column(
+        db, members.c.email_index, wait_for_processes=False, skip_undecryptable=True
+    )
+    assert result.finished and sorted(result.skipped) == [430, 431]
+    assert index_of(db, 420).startswith("kf2:email-index:2:")
+    assert find(db, "user1@example.com", 42) == [421]

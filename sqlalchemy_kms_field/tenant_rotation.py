@@ -55,11 +55,14 @@ def reencrypt_tenant(
     pause: float = 0.0,
     keyring: TenantKeyring | None = None,
     on_batch: Callable[[int], None] | None = None,
+    from_plaintext: bool = False,
 ) -> TenantJob:
     """Move every value of ``tenant`` in ``table.column`` to the tenant key's active version.
 
     ``table`` is the application's Table (its column type says the key, the tenant column and
-    the context). ``pause`` seconds between batches throttle it.
+    the context). ``pause`` seconds between batches throttle it. ``from_plaintext``: also
+    encrypt the tenant's plaintext values (see :func:`encrypt_tenants`); without it a plaintext
+    value stops the job, naming its row.
     """
     col = table.c[column]
     typ: Any = col.type
@@ -113,7 +116,9 @@ def reencrypt_tenant(
                 rows = conn.execute(query).all()
             if not rows:
                 break
-            params = [_rewrite(typ, keyring, table, row, len(pk), target) for row in rows]
+            params = [
+                _rewrite(typ, keyring, table, row, len(pk), target, from_plaintext) for row in rows
+            ]
             with keyring.engine.begin() as conn:
                 written = conn.execute(update, params).rowcount
             job.rows += max(written, 0)
@@ -129,7 +134,8 @@ def reencrypt_tenant(
                     sa.select(sa.func.count()).select_from(plain).where(pending).scalar_subquery(),
                 )
             ).one()
-        settled = now >= rotated_at + timedelta(seconds=settle)
+        # (Version 1 has no older version a process could still be writing under.)
+        settled = target.version == 1 or now >= rotated_at + timedelta(seconds=settle)
         if settled and not left:
             log.info(
                 "tenant %r: %s.%s is on version %d", job.tenant, table.name, column, job.version
@@ -169,8 +175,57 @@ def reencrypt_tenants(
     return [reencrypt_tenant(table, column, tenant, **options) for tenant in chosen]
 
 
+def encrypt_tenants(table: sa.Table, column: str, **options: Any) -> list[TenantJob]:
+    """Encrypt the plaintext values of a column declared with ``tenant=``, each under its row's
+    tenant key (the way in for an existing table: ``encrypt_column`` knows one data key per
+    column, and its values would be refused by the tenant column).
+
+    Every tenant that has plaintext rows gets its key first (created if it has none), then each
+    tenant's rows are encrypted by :func:`reencrypt_tenant` with ``from_plaintext=True``:
+    batches with compare-and-swap, resumable after a kill (the pending rows are the progress).
+    ``options`` go to :func:`reencrypt_tenant`.
+    """
+    from .tenant_census import is_tenant_value
+
+    typ: Any = table.c[column].type
+    tenant_column = getattr(typ, "tenant", None)
+    if tenant_column is None:
+        raise ConfigurationError(
+            f"{table.name}.{column} has no tenant= column: use encrypt_column for it"
+        )
+    keyring = options.get("keyring")
+    if keyring is None:
+        keyring = options["keyring"] = get_keyring()
+    bare = sa.table(
+        table.name, sa.column(column, sa.String()), sa.column(tenant_column), schema=table.schema
+    )
+    value, owner = bare.c[column], bare.c[tenant_column]
+    todo = sa.and_(value.is_not(None), sa.not_(is_tenant_value(value, typ.key)))
+    with keyring.engine.connect() as conn:
+        found = conn.execute(
+            sa.select(owner, sa.cast(owner, sa.String())).where(todo).distinct()
+        ).all()
+    if any(tenant is None for tenant, _ in found):
+        raise ConfigurationError(
+            f"{table.name}.{column}: rows with a value and no {tenant_column} cannot be "
+            f"encrypted under a tenant key; set their {tenant_column} first"
+        )
+    for _, text in found:  # every key first: the settle waits of the jobs then overlap
+        keyring.active_key(typ.key, str(text))
+    return [
+        reencrypt_tenant(table, column, tenant, from_plaintext=True, **options)
+        for tenant, _ in found
+    ]
+
+
 def _rewrite(
-    typ: Any, keyring: TenantKeyring, table: sa.Table, row: Any, npk: int, target: envelope.DataKey
+    typ: Any,
+    keyring: TenantKeyring,
+    table: sa.Table,
+    row: Any,
+    npk: int,
+    target: envelope.DataKey,
+    from_plaintext: bool = False,
 ) -> dict[str, Any]:
     values = tuple(row)
     old: str = values[npk]
@@ -178,14 +233,21 @@ def _rewrite(
     tenant_text = bound[0][1]
     found = envelope.parse(old)
     where = f"{table.name}.{typ._column.name if typ._column is not None else '?'}"
+    ctx = typ.row_context(bound)
+    params = {f"pk_{i}": values[i] for i in range(npk)}
     if found is None:
+        data = _plaintext(typ, old) if from_plaintext else None
+        if data is not None:
+            params.update(old=old, new=target.encrypt_text(data, ctx, typ.pad))
+            return params
+        why = f"no valid {typ.codec} plaintext" if from_plaintext else "plaintext? encrypt_tenants"
         raise ReencryptionError(
-            f"{where}: the row with primary key {values[:npk]!r} holds a value that is not ours",
+            f"{where}: the row with primary key {values[:npk]!r} holds a value that is not "
+            f"ours ({why}); nothing of this batch was written",
             table=table.name,
             column=where,
             primary_key=values[:npk],
         )
-    ctx = typ.row_context(bound)
     try:
         key = keyring.key(typ.key, tenant_text, found[1], found[2])
         data = key.decrypt_text(old, ctx)
@@ -197,9 +259,20 @@ def _rewrite(
             column=where,
             primary_key=values[:npk],
         ) from None
-    params = {f"pk_{i}": values[i] for i in range(npk)}
     params.update(old=old, new=target.encrypt_text(data, ctx, typ.pad))
     return params
+
+
+def _plaintext(typ: Any, old: str) -> bytes | None:
+    """A plaintext value as the column type serializes it, or None if it is not one (an
+    altered ciphertext, or not of the column's codec); its errors quote it: dropped."""
+    if envelope.looks_like_header(old):
+        return None
+    try:
+        data: bytes = typ._serialize(typ._from_plaintext(old))
+    except Exception:
+        return None
+    return data
 
 
 def _encrypted(column: sa.Column[Any]) -> bool:

@@ -544,6 +544,11 @@ class _EncryptedType(TypeDecorator[T]):
             if table
             else "op.encrypt_column(...) or `kms-field encrypt-column`"
         )
+        if self.tenant is not None:  # one key per tenant: encrypt_column knows one per column
+            fix = (
+                f"`kms-field tenants encrypt {where}`, or "
+                "sqlalchemy_kms_field.tenant_rotation.encrypt_tenants(table, column)"
+            )
         return (
             f"{where}: a value in a column encrypted with data key {self.key!r} is not "
             "sqlalchemy-kms-field ciphertext (no 'kf2:' header): plaintext left by a type "

@@ -16,7 +16,7 @@ from ..census import ColumnRef
 from ..registry import KeyRegistry
 from .app import App, key_kind
 from .config import ENV, PROG
-from .errors import UsageError
+from .errors import Refused, UsageError
 from .job_control import Joiners, worker_options
 from .models import IndexFlags, choose_index, declared_index, indexes_of_source
 from .output import JobProgress
@@ -80,6 +80,15 @@ def _format_options(
         for t in metadata.tables.values():
             if t.name == table and (t.schema or None) == schema and column in t.c:
                 declared = t.c[column].type
+    tenant = getattr(declared, "tenant", None)
+    if tenant is not None and args.operation == "encrypt":
+        # (reencrypt and decrypt-column refuse tenant values when the job starts, models or not)
+        where = f"{schema}.{table}.{column}" if schema else f"{table}.{column}"
+        raise Refused(
+            f"the models declare {where} with tenant={tenant!r}: each value goes under its "
+            f"row's tenant key, and `{PROG} encrypt-column` knows one data key per column; "
+            f"run `{PROG} tenants encrypt {where}`"
+        )
     if isinstance(declared, _EncryptedType):
         out = {"context": declared.place(), "codec": declared.codec, "pad": declared.pad}
         out["bind_to"] = declared.bind_to

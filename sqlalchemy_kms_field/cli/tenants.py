@@ -84,6 +84,33 @@ def cmd_tenants_rotate(app: App, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tenants_encrypt(app: App, args: argparse.Namespace) -> int:
+    from ..tenant_rotation import encrypt_tenants
+    from .jobs import parse_column
+
+    schema, table_name, column = parse_column(args.column, args.schema)
+    metadata = app.metadata()
+    if metadata is None:
+        raise UsageError(
+            "`kms-field tenants encrypt` encrypts a column your models declare with tenant=: "
+            "set KMS_FIELD_MODELS (or --models) to package.module:Base"
+        )
+    table = metadata.tables.get(f"{schema}.{table_name}" if schema else table_name)
+    if table is None or column not in table.c:
+        raise Refused(f"the models declare no column {args.column}")
+    if getattr(table.c[column].type, "tenant", None) is None:
+        raise Refused(
+            f"the models declare {args.column} without tenant=: encrypt it with "
+            f"`kms-field encrypt-column {args.column}`"
+        )
+    jobs = encrypt_tenants(
+        table, column, batch_size=args.batch_size, keyring=_keyring(app, master=True)
+    )
+    rows = sum(job.rows for job in jobs)
+    app.say(f"{args.column}: {rows} rows encrypted under the keys of {len(jobs)} tenants")
+    return 0
+
+
 def _as_column_value(column: sa.Column[Any], text: str) -> Any:
     """The tenant id typed on the command line, as the tenant column's Python type."""
     try:

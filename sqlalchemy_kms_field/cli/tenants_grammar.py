@@ -14,6 +14,7 @@ cmd_tenants_rewrap = _lazy("tenants", "cmd_tenants_rewrap")
 cmd_tenants_rotate = _lazy("tenants", "cmd_tenants_rotate")
 cmd_tenants_erase = _lazy("tenants", "cmd_tenants_erase")
 cmd_tenants_restore = _lazy("tenants", "cmd_tenants_restore")
+cmd_tenants_encrypt = _lazy("tenants", "cmd_tenants_encrypt")
 
 
 def add_tenants_commands(
@@ -25,7 +26,9 @@ def add_tenants_commands(
 ) -> None:
     """The ``tenants`` command group (called by the parser)."""
     group = commands.add_parser(
-        "tenants", help="tenant keys: list, rewrap, erase, restore", parents=[common]
+        "tenants",
+        help="tenant keys: list, rewrap, rotate, encrypt, erase, restore",
+        parents=[common],
     )
     sub = group.add_subparsers(dest="tenants_command", metavar="TENANTS_COMMAND", required=True)
     sub._kf_prefix = "tenants "  # the commands' labels in messages: `kms-field tenants erase`
@@ -49,6 +52,16 @@ def add_tenants_commands(
     p.add_argument("key", metavar="KEY")
     p.add_argument("tenants", metavar="TENANT", nargs="*")
     p.add_argument("--all", action="store_true", help="every tenant with an active key")
+    p.add_argument("--batch-size", type=int, default=1000, metavar="N")
+    p = add(
+        sub,
+        "encrypt",
+        cmd_tenants_encrypt,
+        "encrypt the plaintext values of TABLE.COLUMN, declared in the models with tenant=, "
+        "each under its row's tenant key (created if needed); resumable",
+    )
+    p.add_argument("column", metavar="TABLE.COLUMN")
+    p.add_argument("--schema", metavar="S", help="the table's schema")
     p.add_argument("--batch-size", type=int, default=1000, metavar="N")
     p = add(
         sub,

@@ -561,9 +561,15 @@ def _with_data_steps(steps: list[Any]) -> list[Any]:
                     continue
                 new, old = alter.modify_type, alter.existing_type
                 if _encrypted(new) and not _encrypted(old):
-                    after.append(_column_step(EncryptColumnOp, step, alter, new))
+                    if new.tenant is not None:
+                        after.append(TenantColumnNote(step, alter, "encrypt"))
+                    else:
+                        after.append(_column_step(EncryptColumnOp, step, alter, new))
                 elif _encrypted(old) and not _encrypted(new):
-                    before.append(_column_step(DecryptColumnOp, step, alter, old))
+                    if getattr(old, "tenant", None) is not None:
+                        before.append(TenantColumnNote(step, alter, "decrypt"))
+                    else:
+                        before.append(_column_step(DecryptColumnOp, step, alter, old))
         out.extend([*before, step, *after])
     return out
 
@@ -577,6 +583,34 @@ def _column_step(cls: type[_ColumnJobOp], table: Any, alter: Any, type_: Any) ->
     if type_.bind_to:
         kwargs["bind_to"] = type_.bind_to
     return cls(table.table_name, alter.column_name, type_.key, kwargs)
+
+
+class TenantColumnNote(MigrateOperation):
+    """What autogenerate writes, as comments, beside a type change of a column with ``tenant=``:
+    its values go under one key per tenant, which ``op.encrypt_column`` cannot do (it would put
+    them all under the shared key, and the application refuses those in a tenant column)."""
+
+    def __init__(self, table: Any, alter: Any, operation: str) -> None:
+        self.table, self.column = table.table_name, alter.column_name
+        self.schema, self.operation = table.schema, operation
+
+    def reverse(self) -> TenantColumnNote:  # (never asked: autogenerate builds both sides)
+        return self
+
+
+def _render_tenant_note(autogen_context: Any, op: TenantColumnNote) -> list[str]:
+    where = f"{op.schema}.{op.table}.{op.column}" if op.schema else f"{op.table}.{op.column}"
+    if op.operation == "encrypt":
+        return [
+            f"# sqlalchemy_kms_field: {where} is declared with tenant=: each value goes under its",
+            "# row's tenant key, which op.encrypt_column cannot do. After this migration has run,",
+            f"# run `kms-field tenants encrypt {where}` (resumable), and declare the type with",
+            "# accept_plaintext=True in the models until that has run.",
+        ]
+    return [
+        f"# sqlalchemy_kms_field: {where} holds values under tenant keys, which op.decrypt_column",
+        "# cannot read: bring them back to plaintext through the application before this runs.",
+    ]
 
 
 def _render_column_step(autogen_context: Any, op: _ColumnJobOp) -> list[str]:
@@ -594,6 +628,7 @@ def _register_renderers() -> None:
 
     for cls in (EncryptColumnOp, DecryptColumnOp):
         renderers.dispatch_for(cls)(_render_column_step)
+    renderers.dispatch_for(TenantColumnNote)(_render_tenant_note)
 
 
 _register_renderers()

@@ -315,3 +315,29 @@ def test_real_upgrade_head_creates_a_working_table(
         key_engine.dispose()
     finally:
         app.dispose()
+
+
+def test_autogenerate_writes_no_encrypt_column_for_a_tenant_column() -> None:
+    """A plaintext column made `EncryptedString(tenant=...)`: op.encrypt_column would put every
+    value under the shared key, which the tenant column then refuses. Autogenerate writes the
+    command that does it instead (as a comment after the ALTER), and no op.encrypt_column."""
+    from alembic.operations import ops
+
+    from sqlalchemy_kms_field.alembic_ops import _with_data_steps
+
+    tenant_type = kf.EncryptedString(320, key="pii", tenant="tenant_id")
+    for new, old, side in ((tenant_type, sa.String(320), "encrypt"),
+                           (sa.String(320), tenant_type, "decrypt")):  # fmt: skip
+        alter = ops.AlterColumnOp(
+            "members", "email", modify_type=new, existing_type=old, schema=None
+        )
+        steps = _with_data_steps([ops.ModifyTableOps("members", [alter])])
+        text = render_python_code(ops.UpgradeOps(steps))
+        assert not re.search(r"^\s*op\.(en|de)crypt_column\(", text, re.MULTILINE), text
+        if side == "encrypt":
+            assert text.index("alter_column") < text.index("kms-field tenants encrypt"), text
+            assert "kms-field tenants encrypt members.email" in text
+            assert "accept_plaintext=True" in text
+        else:
+            assert text.index("through the application") < text.index("alter_column"), text
+        compile(text.replace("\n    ", "\n"), "<migration>", "exec")  # valid Python

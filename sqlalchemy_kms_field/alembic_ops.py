@@ -316,6 +316,8 @@ class _ColumnJobOp(MigrateOperation):
 def _run_column_job(operations: Operations, op: _ColumnJobOp) -> None:
     what = f"{op.operation}_column"
     _online(operations, what)
+    if op.operation == "encrypt":
+        _refuse_tenant_column(operations, op)
     registry = _registry(what)
     options = {"progress": _Progress(f"{op.operation} {op.table}.{op.column}"), **op.kwargs}
     with operations.get_context().autocommit_block(), _waits_shown():
@@ -338,6 +340,25 @@ def _run_column_job(operations: Operations, op: _ColumnJobOp) -> None:
         result.rows_conflicted,
         len(result.skipped),
     )
+
+
+def _refuse_tenant_column(operations: Operations, op: _ColumnJobOp) -> None:
+    """The models (env.py's target_metadata) declare the column with tenant=: encrypt_column
+    would put every value under the shared key, which the application then refuses."""
+    metadata = operations.get_context().opts.get("target_metadata")
+    schema = op.kwargs.get("schema")
+    for meta in metadata if isinstance(metadata, (list, tuple)) else [metadata]:
+        table = getattr(meta, "tables", {}).get(f"{schema}.{op.table}" if schema else op.table)
+        if table is None or op.column not in table.c:
+            continue
+        tenant = getattr(table.c[op.column].type, "tenant", None)
+        if tenant is not None:
+            raise ConfigurationError(
+                f"op.encrypt_column({op.table!r}, {op.column!r}): the models declare it with "
+                f"tenant={tenant!r}, so each value goes under its row's tenant key, and "
+                "encrypt_column knows one data key per column; drop this step and run "
+                f"`kms-field tenants encrypt {op.table}.{op.column}` after the migration"
+            )
 
 
 class _Progress:

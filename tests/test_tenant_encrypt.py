@@ -157,3 +157,22 @@ def test_the_command_line_refuses_encrypt_column_and_encrypts_per_tenant(
     assert "plain_notes.body: 60 rows encrypted under the keys of 3 tenants" in done
     assert read(db) == expected() and encrypted(db) == 60
     cli.assert_never_printed([], ["note 0 of 42"])
+
+
+@pytest.mark.databases("sqlite")
+def test_op_encrypt_column_refuses_a_column_the_models_declare_with_tenant(
+    db: sa.Engine,
+) -> None:
+    """In a migration, op.encrypt_column on a tenant column would have written every value
+    under the shared key; with env.py's target_metadata declaring tenant=, it refuses."""
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
+    import sqlalchemy_kms_field.alembic_ops  # noqa: F401 - registers op.encrypt_column
+
+    before = stored(db)
+    with db.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"target_metadata": Base.metadata})
+        with pytest.raises(kf.ConfigurationError, match="kms-field tenants encrypt plain_notes"):
+            Operations(context).encrypt_column("plain_notes", "body", key="pii")  # type: ignore[attr-defined]
+    assert stored(db) == before  # nothing written

@@ -239,13 +239,17 @@ class TenantKeyring:
             if entry is not None and fresh and not force:
                 return entry
             entry = self._load(name, base, tenant, create=create)
-            with self._lock:
-                self._cache[name] = entry
-                self._cache.move_to_end(name)
-                while len(self._cache) > self.max_keys:
-                    self._cache.popitem(last=False)
-                    self.stats.evicted += 1
+            self._remember(name, entry)
             return entry
+
+    def _remember(self, name: str, entry: _Entry) -> None:
+        """Cache ``entry`` as the newest, evicting the oldest beyond ``max_keys``."""
+        with self._lock:
+            self._cache[name] = entry
+            self._cache.move_to_end(name)
+            while len(self._cache) > self.max_keys:
+                self._cache.popitem(last=False)
+                self.stats.evicted += 1
 
     def _load(self, name: str, base: str, tenant: str, *, create: bool) -> _Entry:
         self._check_loop(f"loading the key of tenant {tenant!r} of data key {base!r}", base)
@@ -430,12 +434,7 @@ class TenantKeyring:
                 entry = self._entry_from(base, name, versions, time.monotonic())
                 if metrics.ON:
                     metrics.cache_miss("tenant")
-                with self._lock:
-                    self._cache[name] = entry
-                    self._cache.move_to_end(name)
-                    while len(self._cache) > self.max_keys:
-                        self._cache.popitem(last=False)
-                        self.stats.evicted += 1
+                self._remember(name, entry)
                 loaded += 1
             last = rows[-1].key_name
         return loaded

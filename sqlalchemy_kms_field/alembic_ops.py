@@ -347,11 +347,10 @@ def _refuse_tenant_column(operations: Operations, op: _ColumnJobOp) -> None:
     would put every value under the shared key, which the application then refuses."""
     metadata = operations.get_context().opts.get("target_metadata")
     schema = op.kwargs.get("schema")
-    for meta in metadata if isinstance(metadata, (list, tuple)) else [metadata]:
-        table = getattr(meta, "tables", {}).get(f"{schema}.{op.table}" if schema else op.table)
-        if table is None or op.column not in table.c:
-            continue
-        tenant = getattr(table.c[op.column].type, "tenant", None)
+    metas = metadata if isinstance(metadata, (list, tuple)) else [metadata]
+    for meta in (m for m in metas if m is not None):
+        declared = census.declared_column(meta, op.table, op.column, schema)
+        tenant = None if declared is None else getattr(declared.type, "tenant", None)
         if tenant is not None:
             raise ConfigurationError(
                 f"op.encrypt_column({op.table!r}, {op.column!r}): the models declare it with "

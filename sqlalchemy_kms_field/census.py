@@ -232,6 +232,14 @@ def columns_from_metadata(metadata: sa.MetaData) -> list[ColumnRef]:
     return sorted(found)
 
 
+def declared_column(
+    metadata: sa.MetaData, table: str, column: str, schema: str | None = None
+) -> sa.Column[Any] | None:
+    """The column ``metadata`` declares as ``schema.table.column`` (None if it does not)."""
+    declared = metadata.tables.get(f"{schema}.{table}" if schema else table)
+    return None if declared is None or column not in declared.c else declared.c[column]
+
+
 def merge(*groups: Sequence[ColumnRef]) -> list[ColumnRef]:
     seen: dict[tuple[str | None, str, str], ColumnRef] = {}
     for group in groups:

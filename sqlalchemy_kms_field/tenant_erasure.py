@@ -31,7 +31,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from .blind_index import BlindIndex
-from .census import FORMATS, ColumnRef, starts_with
+from .census import FORMATS, ColumnRef, declared_column, starts_with
 from .erasure import Erased, vacuum_full
 from .exc import ConfigurationError, KeyNotFoundError, KeyStateError
 from .key_store import KeyState, utc_now
@@ -127,15 +127,13 @@ def _index_statements(
     out = []
     for found in census.found:
         ref = found.column
-        declared = metadata.tables.get(f"{ref.schema}.{ref.table}" if ref.schema else ref.table)
-        if declared is None:
+        values_column = declared_column(metadata, ref.table, ref.column, ref.schema)
+        if values_column is None:
             continue
+        declared = values_column.table
         for col in declared.c:
             typ = col.type
-            if not isinstance(typ, BlindIndex):
-                continue
-            source = declared.c.get(typ.source)
-            if source is None or source.name != ref.column:
+            if not isinstance(typ, BlindIndex) or declared.c.get(typ.source) is not values_column:
                 continue
             bare = sa.table(
                 ref.table, sa.column(ref.column), sa.column(col.name), schema=ref.schema

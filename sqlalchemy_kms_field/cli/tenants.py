@@ -85,6 +85,7 @@ def cmd_tenants_rotate(app: App, args: argparse.Namespace) -> int:
 
 
 def cmd_tenants_encrypt(app: App, args: argparse.Namespace) -> int:
+    from ..census import declared_column
     from ..tenant_rotation import encrypt_tenants
     from .jobs import parse_column
 
@@ -95,10 +96,11 @@ def cmd_tenants_encrypt(app: App, args: argparse.Namespace) -> int:
             "`kms-field tenants encrypt` encrypts a column your models declare with tenant=: "
             "set KMS_FIELD_MODELS (or --models) to package.module:Base"
         )
-    table = metadata.tables.get(f"{schema}.{table_name}" if schema else table_name)
-    if table is None or column not in table.c:
+    declared = declared_column(metadata, table_name, column, schema)
+    if declared is None:
         raise Refused(f"the models declare no column {args.column}")
-    if getattr(table.c[column].type, "tenant", None) is None:
+    table = declared.table
+    if getattr(declared.type, "tenant", None) is None:
         raise Refused(
             f"the models declare {args.column} without tenant=: encrypt it with "
             f"`kms-field encrypt-column {args.column}`"

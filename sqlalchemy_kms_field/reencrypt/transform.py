@@ -308,7 +308,23 @@ class _Reindex:
         found = envelope.parse_header(source_value)
         if found is None:
             raise KmsFieldError("the source value is not ciphertext (no 'kf1:' or 'kf2:' header)")
-        row = dict(zip(self.bound, bound, strict=True))
+        if self.bound:
+            row = dict(zip(self.bound, bound, strict=True))
+            key, context, scope = self._from_row(found, row, binary)
+        else:  # the common case: nothing read but the source
+            key, scope = self.registry.data_key(*found), None
+            context = self._source_contexts[binary]
+        if binary:
+            plaintext = key.decrypt_binary(source_value, context)
+        else:
+            plaintext = key.decrypt_text(source_value, context)
+        value: Any = plaintext if binary else plaintext.decode("utf-8")
+        return self.target.compute(self.index._data(value, scope), self.index._nbytes, self.fields)
+
+    def _from_row(
+        self, found: tuple[str, int], row: dict[str, str], binary: bool
+    ) -> tuple[DataKey, bytes, str | None]:
+        """The source's key and context, and the index's tenant, from the row's bound columns."""
         typ = self.source_type
         if typ is not None and self.bind_to:
             context = typ.row_context([(name, row[name]) for name in self.bind_to])
@@ -320,13 +336,7 @@ class _Reindex:
             key = read_key(typ, found[0], found[1], [(typ.tenant, row[typ.tenant])])
         else:
             key = self.registry.data_key(*found)
-        if binary:
-            plaintext = key.decrypt_binary(source_value, context)
-        else:
-            plaintext = key.decrypt_text(source_value, context)
-        value: Any = plaintext if binary else plaintext.decode("utf-8")
-        scope = row[self.index.tenant] if self.index.tenant else None
-        return self.target.compute(self.index._data(value, scope), self.index._nbytes, self.fields)
+        return key, context, row[self.index.tenant] if self.index.tenant else None
 
 
 def _declared_source(index: BlindIndex) -> Any:

@@ -32,6 +32,7 @@ from .tables import (
     create_tables,
     db_now,
     place,
+    place_values,
     ranges_table,
     workers_table,
 )
@@ -212,9 +213,7 @@ def _start_locked(
             conn.execute(sa.delete(table).where(*_where(table, ref)))
         conn.execute(
             sa.insert(control_table).values(
-                table_schema=ref.schema or "",
-                table_name=ref.table,
-                column_name=ref.column,
+                **place_values(ref.schema, ref.table, ref.column),
                 operation=operation,
                 run_id=run_id,
                 paused=False,
@@ -244,9 +243,7 @@ def register(conn: Connection, run: Run, worker: str, now: datetime) -> None:
     conn.execute(sa.delete(workers_table).where(*_where(workers_table, run.ref), _me(worker)))
     conn.execute(
         sa.insert(workers_table).values(
-            table_schema=run.ref.schema or "",
-            table_name=run.ref.table,
-            column_name=run.ref.column,
+            **place_values(run.ref.schema, run.ref.table, run.ref.column),
             worker=worker,
             run_id=run.run_id,
             range_no=None,

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from ..census import ColumnRef
 from .records import _dump_key, _load_key
-from .tables import FINISH, db_now, place, ranges_table
+from .tables import FINISH, db_now, place, place_values, ranges_table
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,7 @@ def plan(
     bounds.append(None)  # the end
     now = db_now(conn)
     common = {
-        "table_schema": ref.schema or "",
-        "table_name": ref.table,
-        "column_name": ref.column,
+        **place_values(ref.schema, ref.table, ref.column),
         "run_id": run_id,
         "last_key": None,
         "rows_done": 0,

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from .. import census
 from ..census import ColumnRef
-from .tables import ranges_table
+from .tables import place_values, ranges_table
 
 jobs_table = census.jobs_table
 
@@ -92,9 +92,7 @@ def _start(
     if row is None:
         conn.execute(
             sa.insert(jobs_table).values(
-                table_schema=ref.schema or "",
-                table_name=ref.table,
-                column_name=ref.column,
+                **place_values(ref.schema, ref.table, ref.column),
                 operation=operation,
                 **fresh,
             )

@@ -98,6 +98,11 @@ def place(table: sa.Table, schema: str | None, table_name: str, column: str) -> 
     ]
 
 
+def place_values(schema: str | None, table_name: str, column: str) -> dict[str, str]:
+    """The columns naming one column's row, to insert it into ``table`` (as ``place`` finds it)."""
+    return {"table_schema": schema or "", "table_name": table_name, "column_name": column}
+
+
 def db_now(conn: Connection) -> Any:
     """The database's clock (UTC): leases and heartbeats never compare two hosts' clocks."""
     return conn.execute(sa.select(utc_now())).scalar_one()

@@ -8,6 +8,7 @@ Real PostgreSQL and MariaDB (SQLite sweeps without read-ahead: one range after t
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,8 @@ import sqlalchemy as sa
 
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field.census import ColumnRef
-from sqlalchemy_kms_field.reencrypt import control, ranges, reencrypt_column
-from sqlalchemy_kms_field.reencrypt.tables import FINISH, ranges_table
+from sqlalchemy_kms_field.reencrypt import control, ranges, reencrypt_column, workers
+from sqlalchemy_kms_field.reencrypt.tables import FINISH, control_table, db_now, ranges_table
 from tests.helpers import reset_global_registry
 from tests.test_concurrent_writers import setup_users, stored_versions
 
@@ -140,3 +141,74 @@ def test_the_heartbeat_renews_a_range_claimed_ahead_and_release_frees_it(
     owners = {r.range_no: r.owner for r in range_rows(engine)}
     assert owners[1] is None, "released: any worker may claim it now"
     assert owners[0] == "a" and owners[2] == "b", "release frees only this worker's ranges"
+
+
+def _reading_ahead() -> bool:
+    """True while a sweep's read-ahead threads (``kms-field_N``) run in this process."""
+    return any(t.name.startswith("kms-field_") for t in threading.enumerate())
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_workers_read_ahead_only_while_this_machine_has_a_core_for_each(
+    engine: sa.Engine, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rows = 2000
+    registry = setup_users(engine, key_file, rows, active_ttl=0.0)
+    registry.rotate_data_key("pii")
+    seen: list[bool] = []
+
+    def run(cores: int, key: str) -> None:
+        monkeypatch.setattr(workers, "_cores", lambda: cores)
+        seen.clear()
+        result = reencrypt_column(
+            engine, "users", "email", key=key, registry=registry, batch_size=100,
+            range_rows=200, workers=2, progress=lambda done, todo: seen.append(_reading_ahead()),
+        )  # fmt: skip
+        assert result.finished and result.rows_written == rows
+
+    # Two workers of the job on a machine of one core: neither reads ahead, ever.
+    run(1, "pii")
+    assert len(seen) >= rows // 100 and not any(seen)
+    # On two cores both do (the same job again, after a rotation).
+    registry.rotate_data_key("pii")
+    run(2, "pii")
+    assert all(seen)
+    assert stored_versions(engine) == {3: rows}
+
+
+@pytest.mark.databases("postgresql", "mariadb")
+def test_a_worker_stops_reading_ahead_once_another_joins_on_its_cores_and_loses_no_row(
+    engine: sa.Engine, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One core, one worker: it reads ahead. Another worker of the job registers on this
+    # machine meanwhile (a second process joining): from the next page on, no read-ahead; the
+    # worker drains what it read and goes on alone from its last committed batch.
+    rows = 3000
+    registry = setup_users(engine, key_file, rows, active_ttl=0.0)
+    registry.rotate_data_key("pii")
+    monkeypatch.setattr(workers, "_cores", lambda: 1)
+    monkeypatch.setattr(workers, "RECOUNT_SECONDS", 0.0)
+    seen: list[bool] = []
+
+    def progress(done: int, todo: int) -> None:
+        seen.append(_reading_ahead())
+        if len(seen) == 3:  # mid-range: ranges of 2 batches, and one claimed ahead
+            with engine.begin() as conn:
+                ctl = conn.execute(sa.select(control_table)).one()
+                run = control.Run(REF, "reencrypt", ctl.run_id, ranges=0)
+                # Named as a worker of this host and this (living) process: counted.
+                control.register(conn, run, workers.worker_name(), db_now(conn))
+
+    result = reencrypt_column(
+        engine, "users", "email", key="pii", registry=registry, batch_size=100, range_rows=200,
+        progress=progress,
+    )  # fmt: skip
+    assert result.finished and (result.rows_written, result.rows_conflicted) == (rows, 0)
+    assert all(seen[:3]), "alone on its core, the worker read ahead"
+    # What it had read and computed ahead was written (at most two batches), then no more.
+    assert not any(seen[3 + 2 :])
+    # No row left behind nor done twice where it switched: each range's own rows, 200 each,
+    # and nothing left for the finishing step's census to find.
+    done = [int(r.rows_done) for r in range_rows(engine)]
+    assert done == [200] * (rows // 200) + [0, 0]
+    assert stored_versions(engine) == {2: rows}

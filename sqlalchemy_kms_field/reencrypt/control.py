@@ -91,6 +91,20 @@ def live_workers(conn: Connection, ref: ColumnRef, run_id: str, lease: float) ->
     return [name for name in live if _run_of(conn, ref, name) == run_id]
 
 
+def workers_here(conn: Connection, ref: ColumnRef, run_id: str) -> int:
+    """How many workers of the run run on this machine (threads of this process included;
+    those of a process that is gone not counted)."""
+    w = workers_table.c
+    q = sa.select(w.worker).where(*_where(workers_table, ref), w.run_id == run_id)
+    names = conn.execute(q).scalars()
+    return sum(1 for name in names if name.partition(":")[0] == this_host() and not _gone(name))
+
+
+def this_host() -> str:
+    """The host part of the workers' names (``host:pid:random``)."""
+    return socket.gethostname()[:60]
+
+
 def _run_of(conn: Connection, ref: ColumnRef, worker: str) -> str | None:
     w = workers_table.c
     q = sa.select(w.run_id).where(*_where(workers_table, ref), w.worker == worker)
@@ -101,7 +115,7 @@ def _gone(worker: str) -> bool:
     """True if ``worker`` (``host:pid:...``) ran on this host in a process that no longer is."""
     host, _, rest = worker.partition(":")
     pid = rest.partition(":")[0]
-    if host != socket.gethostname()[:60] or not pid.isdigit():
+    if host != this_host() or not pid.isdigit():
         return False
     if int(pid) == os.getpid():
         return False  # this process: its workers are threads, alive or signed off

@@ -10,7 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import sqlalchemy as sa
@@ -110,8 +110,12 @@ class _Job:
             values[companion.name] = sa.bindparam("companion_value", type_=companion.type)
         self.update = sa.update(t).where(*where).values(values)
         # Read and compute batch k+1 in a thread while batch k is written (not on SQLite,
-        # where a reader on a second connection can hold up the writer's commit).
+        # where a reader on a second connection can hold up the writer's commit), while
+        # ``read_ahead()`` says so, asked at each range: a worker reads ahead only while its
+        # machine has a core for each worker there (workers.py); past that the two extra
+        # threads only take turns on the same cores, costing CPU per row and throughput.
         self.pipelined = engine.dialect.name != "sqlite"
+        self.read_ahead: Callable[[], bool] = lambda: True
         self.checkpoint = checkpoint_statement(ref)
         self.pg_update = (
             _PgUpdate(engine, t, pk, col, source, companion, self.checkpoint)
@@ -133,16 +137,31 @@ class _Job:
         range's last batches are still computed and written (the read-ahead runs on across
         ranges instead of draining at each one's end); ``range_done(claim)`` is called once
         every batch of that range is committed, before any batch of the next one is.
+
+        Reading ahead takes two more threads; ``read_ahead()`` is asked before each page is
+        read: once it says no, the sweep drains what it read and goes on in this thread alone,
+        from the last batch it committed; from one batch after the other, it returns at a
+        range's end when ``read_ahead()`` says yes again (the worker's next sweep reads ahead).
         """
         self.owner = owner
-        if not self.pipelined:
-            following: Claim | None = claim
-            while following is not None:
-                self._sweep_one(following)
-                if range_done is not None:
-                    range_done(following)
-                following = next_claim() if next_claim is not None else None
-            return
+        following: Claim | None = claim
+        if self.pipelined and self.read_ahead():
+            following = self._sweep_reading_ahead(claim, next_claim, range_done)
+        while following is not None:
+            self._sweep_one(following)
+            if range_done is not None:
+                range_done(following)
+            if next_claim is None or (self.pipelined and self.read_ahead()):
+                return
+            following = next_claim()
+
+    def _sweep_reading_ahead(
+        self,
+        claim: Claim,
+        next_claim: Callable[[], Claim | None] | None,
+        range_done: Callable[[Claim], None] | None,
+    ) -> Claim | None:
+        """:meth:`sweep` with read-ahead; returns where to go on without it (None: done)."""
         # Three stages: a thread fetches the next pages (keyset paging needs only the last key
         # of the page before) and, at a range's end, claims the next range; a thread decrypts
         # and encrypts them (holding the GIL); and this thread writes and commits (the driver
@@ -153,7 +172,9 @@ class _Job:
         # the overlap changes nothing.
         pages: queue.Queue[Any] = queue.Queue(maxsize=1)
         stop = threading.Event()
-        END = object()  # after a range's last page: (claim, END); after the last range: None
+        # After a range's last page: (claim, END); where reading ahead stops within a range:
+        # (claim, SWITCH); after the last item: None.
+        END, SWITCH = object(), object()
 
         def hand_over(item: Any) -> None:
             while not stop.is_set():
@@ -168,24 +189,30 @@ class _Job:
                 while claim is not None and not stop.is_set():
                     last = claim.start
                     while not stop.is_set():
+                        if not self.read_ahead():
+                            hand_over((claim, SWITCH))
+                            hand_over(None)
+                            return
                         rows = self._fetch(claim, last)
                         if not rows:
                             break
                         hand_over((claim, rows))
                         last = tuple(rows[-1][: len(self.pk)])
                     hand_over((claim, END))
-                    if stop.is_set() or next_claim is None:
+                    if stop.is_set() or next_claim is None or not self.read_ahead():
                         break
                     claim = next_claim()
                 hand_over(None)
             except BaseException as exc:  # handed to this thread, which raises it
                 hand_over(exc)
 
+        resume: Claim | None = None
         with ThreadPoolExecutor(2, thread_name_prefix="kms-field") as pool:
             pool.submit(fetch_all, claim)
             # In order: batches computing or computed, and range ends. The newest stays in
             # flight while the one before is written (or its range finished).
-            ahead: collections.deque[tuple[Claim, Future[_Batch] | None]] = collections.deque()
+            ahead: collections.deque[tuple[Claim, Any]] = collections.deque()
+            written: Claim | None = None  # the range of the last batch committed, from there
             try:
                 while True:
                     started = time.monotonic()
@@ -194,19 +221,26 @@ class _Job:
                         raise item
                     if item is not None:
                         held, rows = item
-                        computing = None if rows is END else pool.submit(self._compute, rows)
-                        ahead.append((held, computing))
+                        marker = rows is END or rows is SWITCH
+                        ahead.append((held, rows if marker else pool.submit(self._compute, rows)))
                     while ahead and (len(ahead) > 1 or item is None):
                         held, computing = ahead.popleft()
-                        if computing is None:
+                        if computing is END:
                             if range_done is not None:
                                 range_done(held)
                             continue
+                        if computing is SWITCH:
+                            # Resume after this range's last batch committed here, if any.
+                            resume = (
+                                written if written and written.range_no == held.range_no else held
+                            )
+                            continue
                         batch = computing.result()
                         self._commit(batch, held)
+                        written = Claim(held.range_no, batch.last, held.upto)
                         self._pace(batch, started)
                     if item is None:
-                        return
+                        return resume
             finally:
                 stop.set()
 

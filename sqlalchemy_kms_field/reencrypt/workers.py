@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,13 +30,16 @@ from .sweep import _Job
 log = logging.getLogger(__name__)
 
 
+RECOUNT_SECONDS = 1.0  # how often a worker counts the job's workers on its machine
+
+
 class _Finished(Exception):
     """The job was finished by another worker while this one waited or held a stale range."""
 
 
 def worker_name() -> str:
     """``host:pid:random``: unique, and says where to look for a worker that misbehaves."""
-    return f"{socket.gethostname()[:60]}:{os.getpid()}:{secrets.token_hex(3)}"
+    return f"{control.this_host()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class Worker:
@@ -69,6 +71,8 @@ class Worker:
         self._ahead_lock = threading.Lock()
         self._stop = threading.Event()
         job.gate = self.gate
+        job.read_ahead = self._read_ahead
+        self._reads_ahead, self._counted = True, float("-inf")
         if pace is not None:
             job.paced = pace.after
 
@@ -176,6 +180,21 @@ class Worker:
                 self.ahead.add(claim.range_no)
         return claim
 
+    def _read_ahead(self) -> bool:
+        """Read ahead while this machine has a core for each of the job's workers on it.
+
+        One worker reading ahead keeps 1-1.5 cores busy (a thread reads, one computes, one
+        writes); where the workers outnumber the cores, the extra threads only take turns on
+        them, which costs CPU per row and throughput (README, "Performance"). Asked before
+        each page; the workers on this machine are counted at most once a second, so workers
+        joining or leaving change the answer within about a second."""
+        now = time.monotonic()
+        if now >= self._counted + RECOUNT_SECONDS:
+            with self.engine.connect() as conn:
+                here = control.workers_here(conn, self.run_.ref, self.run_.run_id)
+            self._reads_ahead, self._counted = here <= _cores(), now
+        return self._reads_ahead
+
     def _range_done(self, claim: Claim) -> None:
         """Every batch of ``claim``'s range is committed: finish it (only if still held)."""
         self.gate()
@@ -234,6 +253,13 @@ class Worker:
                 if holding is not None and not beat.lease_kept and holding == self.range_no:
                     self.lost.add(holding)
                 self.lost.update(n for n in beat.lost if n in self.ahead)
+
+
+def _cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system says)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def add_rows_done(conn: Connection, ref: ColumnRef, operation: Operation, row: Any) -> None:

@@ -25,6 +25,11 @@ W = 1, CPU per row of the client processes (each one's own during its job, start
 and of the database server
 (every ``postgres`` or ``mariadbd`` process on this machine, from /proc: background writers
 included), and each worker's peak memory growth (``VmHWM`` reset after its set-up).
+
+``--rounds N`` repeats every W N times (the table gives each round's figures and the medians).
+``--before DIR`` adds a contender to every round: the same workers run by an older copy of the
+package (``DIR`` holds its ``sqlalchemy_kms_field`` folder, e.g. a ``git worktree`` of an older
+commit, imported through ``PYTHONPATH``), from the same state, right after this package's.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import base64
 import json
 import os
 import secrets
+import statistics
 import subprocess
 import sys
 import time
@@ -261,11 +267,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--before", action="append", default=[], metavar="DIR")
     parser.add_argument("--baseline-child", nargs=4, type=int, help=argparse.SUPPRESS)
     parser.add_argument("--library-child", metavar="RUN", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if not args.url:
         parser.error("--url (or KMS_FIELD_BENCH_URL) names the database to use")
+    for folder in args.before:
+        if not os.path.isdir(os.path.join(folder, "sqlalchemy_kms_field")):
+            parser.error(f"--before {folder}: that folder holds no sqlalchemy_kms_field package")
     if args.baseline_child:
         baseline_child(args.url, *args.baseline_child[:3], args.baseline_child[3])
         return 0
@@ -288,66 +299,103 @@ def main(argv: Sequence[str] | None = None) -> int:
     time.sleep(ACTIVE_TTL + 2.5)  # the job does not finish before every process could know
     env = dict(os.environ, **{MASTER_VARIABLE: base64.b64encode(master).decode("ascii")})
     batch = ["--url", args.url, "--batch-size", str(args.batch_size)]
-    results: dict[int, dict[str, Any]] = {}
+    kinds = ["baseline", "library", *args.before]
+    # results[w][kind]: one figures dict per round
+    results: dict[int, dict[str, list[dict[str, Any]]]] = {}
     for w in [int(x) for x in args.workers.split(",")]:
-        figures: dict[str, Any] = {}
-        for kind in ("baseline", "library"):
-            restore(engine)
-            cpu_server = server_cpu()
-            planned = 0.0
-            if kind == "baseline":
-                step = -(-args.rows // w)
-                procs = [
-                    spawn([*batch, "--baseline-child", str(k * step + 1), str((k + 1) * step),
-                           str(k), str(args.batch_size)], env)
-                    for k in range(w)
-                ]  # fmt: skip
-            else:
-                began = time.perf_counter()
-                started = kf.reencrypt_column(
-                    engine, TABLE, "email", key=KEY, batch_size=args.batch_size, workers=0,
-                    codec="str", registry=registry,
-                )  # fmt: skip
-                planned = time.perf_counter() - began
-                run = ["--library-child", str(started.run_id)]
-                procs = [spawn([*batch, *run], env) for _ in range(w)]
-            reports = collect(procs)
-            # From the first worker's start to the last one's end, interpreter start-up left
-            # out (for the library, the run started above, its ranges planned, is included).
-            seconds = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
-            seconds += planned
-            # Client CPU: each worker's own, during its job (all its threads), start-up left out.
-            client, server = sum(r["cpu"] for r in reports), server_cpu() - cpu_server
-            check_all_moved(engine, args.rows)
-            figures[kind] = {
-                "seconds": seconds,
-                "rows_s": args.rows / seconds,
-                "client_us": client / args.rows * 1e6,
-                "server_us": server / args.rows * 1e6,
-                "growth_kib": max((r.get("growth_kib", 0) for r in reports), default=0),
-            }
-            log(f"W={w} {kind}: {seconds:.1f} s, {args.rows / seconds:,.0f} rows/s")
-        results[w] = figures
+        results[w] = {kind: [] for kind in kinds}
+        for _ in range(args.rounds):
+            for kind in kinds:
+                results[w][kind].append(measure(args, engine, registry, env, batch, w, kind))
+                log(f"W={w} {kind}: {results[w][kind][-1]['rows_s']:,.0f} rows/s")
 
-    one = results[min(results)]
     print(f"{engine.dialect.name}, {args.rows:,} rows, batch {args.batch_size}")
     print(
-        "| W | plain rewrite rows/s | library rows/s | library/plain | library speed-up over W=1 "
-        "| library CPU/row client + server | plain CPU/row client + server | worker peak growth |"
+        "| W | contender | rows/s | against the plain rewrite | speed-up over W=1 "
+        "| CPU/row client + server | worker peak growth |"
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for w, f in results.items():
-        b, lib = f["baseline"], f["library"]
-        ratio = lib["rows_s"] / b["rows_s"]
-        print(
-            f"| {w} | {b['rows_s']:,.0f} | {lib['rows_s']:,.0f} | {ratio:.2f}x "
-            f"| {lib['rows_s'] / one['library']['rows_s']:.2f}x "
-            f"| {lib['client_us']:.1f} + {lib['server_us']:.1f} µs "
-            f"| {b['client_us']:.1f} + {b['server_us']:.1f} µs "
-            f"| {lib['growth_kib'] / 1024:.1f} MiB |"
-        )
+    print("|---|---|---|---|---|---|---|")
+    first = min(results)
+    for w, by_kind in results.items():
+        for kind in kinds:
+            runs = by_kind[kind]
+            label = "plain rewrite" if kind == "baseline" else (
+                "library" if kind == "library" else f"before {os.path.basename(kind.rstrip('/'))}"
+            )  # fmt: skip
+            for i, f in enumerate([*runs, _median(runs)] if len(runs) > 1 else runs):
+                name = f"{label} (median)" if i == len(runs) else label
+                if len(runs) > 1 and i < len(runs):
+                    name += f" round {i + 1}"
+                base = (_median(by_kind["baseline"]) if i == len(runs) else by_kind["baseline"][i])[
+                    "rows_s"
+                ]
+                one_runs = results[first][kind]
+                one = _median(one_runs) if i == len(runs) else one_runs[min(i, len(one_runs) - 1)]
+                print(
+                    f"| {w} | {name} | {f['rows_s']:,.0f} | {f['rows_s'] / base:.2f}x "
+                    f"| {f['rows_s'] / one['rows_s']:.2f}x "
+                    f"| {f['client_us']:.1f} + {f['server_us']:.1f} µs "
+                    f"| {f['growth_kib'] / 1024:.1f} MiB |"
+                )
     drop(engine)
     return 0
+
+
+def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each figure's median over the rounds (the CPU of client and server taken separately)."""
+    return {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+
+
+def measure(
+    args: argparse.Namespace,
+    engine: sa.Engine,
+    registry: kf.KeyRegistry,
+    env: dict[str, str],
+    batch: list[str],
+    w: int,
+    kind: str,
+) -> dict[str, Any]:
+    """One run of ``kind`` (the baseline, this package, or the one in a --before folder) with
+    ``w`` processes, from the same physical state."""
+    restore(engine)
+    cpu_server = server_cpu()
+    planned = 0.0
+    if kind == "baseline":
+        step = -(-args.rows // w)
+        procs = [
+            spawn([*batch, "--baseline-child", str(k * step + 1), str((k + 1) * step),
+                   str(k), str(args.batch_size)], env)
+            for k in range(w)
+        ]  # fmt: skip
+    else:
+        began = time.perf_counter()
+        started = kf.reencrypt_column(
+            engine, TABLE, "email", key=KEY, batch_size=args.batch_size, workers=0,
+            codec="str", registry=registry,
+        )  # fmt: skip
+        planned = time.perf_counter() - began
+        child_env = env
+        if kind != "library":  # an older copy of the package, first on the path
+            child_env = dict(
+                env, PYTHONPATH=os.pathsep.join(filter(None, [kind, env.get("PYTHONPATH")]))
+            )
+        run = ["--library-child", str(started.run_id)]
+        procs = [spawn([*batch, *run], child_env) for _ in range(w)]
+    reports = collect(procs)
+    # From the first worker's start to the last one's end, interpreter start-up left
+    # out (for the library, the run started above, its ranges planned, is included).
+    seconds = max(r["ended"] for r in reports) - min(r["started"] for r in reports)
+    seconds += planned
+    # Client CPU: each worker's own, during its job (all its threads), start-up left out.
+    client, server = sum(r["cpu"] for r in reports), server_cpu() - cpu_server
+    check_all_moved(engine, args.rows)
+    return {
+        "seconds": seconds,
+        "rows_s": args.rows / seconds,
+        "client_us": client / args.rows * 1e6,
+        "server_us": server / args.rows * 1e6,
+        "growth_kib": max((r.get("growth_kib", 0) for r in reports), default=0),
+    }
 
 
 if __name__ == "__main__":

@@ -27,4 +27,7 @@ if os.environ.get("KF_CELERY_DB_URL"):
         key_store=kf.SqlKeyStore(sa.create_engine(os.environ["KF_CELERY_DB_URL"])),
         active_ttl=float(os.environ.get("KF_CELERY_ACTIVE_TTL", "1")),
     )
-run_worker = install(app)
+# The models, as a reindex task needs them (its column's BlindIndex).
+from tests.test_blind_index import Base  # noqa: E402
+
+run_worker = install(app, metadata=Base.metadata)

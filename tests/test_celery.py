@@ -77,23 +77,23 @@ def ranges_by_owner(engine: sa.Engine) -> dict[str, int]:
     return {str(owner): int(n) for owner, n in rows if owner}
 
 
-def test_celery_workers_finish_the_job_though_one_is_sigkilled(
-    engine: sa.Engine, db_url: str, key_file: Path, tmp_path: Path, celery_workers: list[Any]
-) -> None:
-    rows = 20_000
-    registry = setup_users(engine, key_file, rows, active_ttl=1.0)
-    registry.rotate_data_key("pii")
-    queue = f"kf-test-{secrets.token_hex(4)}"  # this test's own queue on the shared broker
-    env = {
+def celery_env(db_url: str, key_file: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "KF_CELERY_BROKER": BROKER,
         "KF_CELERY_DB_URL": db_url,
         "KF_CELERY_KEY_FILE": str(key_file),
         "PYTHONPATH": str(ROOT),
     }
-    for i in range(2):
+
+
+def start_celery_workers(
+    started: list[Any], n: int, queue: str, env: dict[str, str], tmp_path: Path
+) -> None:
+    """``n`` real Celery worker processes of tests.celery_app on ``queue``."""
+    for i in range(n):
         log = (tmp_path / f"celery-{i}.log").open("w")
-        celery_workers.append(
+        started.append(
             subprocess.Popen(
                 [
                     sys.executable,
@@ -118,6 +118,16 @@ def test_celery_workers_finish_the_job_though_one_is_sigkilled(
                 stderr=subprocess.STDOUT,
             )
         )
+
+
+def test_celery_workers_finish_the_job_though_one_is_sigkilled(
+    engine: sa.Engine, db_url: str, key_file: Path, tmp_path: Path, celery_workers: list[Any]
+) -> None:
+    rows = 20_000
+    registry = setup_users(engine, key_file, rows, active_ttl=1.0)
+    registry.rotate_data_key("pii")
+    queue = f"kf-test-{secrets.token_hex(4)}"  # this test's own queue on the shared broker
+    start_celery_workers(celery_workers, 2, queue, celery_env(db_url, key_file), tmp_path)
     from sqlalchemy_kms_field.celery import enqueue_job
     from tests.celery_app import app  # no database configured in this process's import
 
@@ -151,12 +161,68 @@ def test_celery_workers_finish_the_job_though_one_is_sigkilled(
     assert finished and all(f is not None for f in finished), "every range finished once"
 
 
+def test_celery_workers_reindex_the_blind_index_column_the_models_declare(
+    engine: sa.Engine, db_url: str, key_file: Path, tmp_path: Path, celery_workers: list[Any]
+) -> None:
+    # The worker's app is installed with the models (tests/celery_app.py): the task finds the
+    # column's BlindIndex there; nothing but names and the run's id travels through the broker.
+    from tests.test_blind_index import INDEX, INDEX_KEY, Base, insert_users, raw_indexes
+
+    store = kf.SqlKeyStore(engine)
+    store.create_table()
+    registry = kf.configure(
+        master_key=kf.LocalMasterKey.from_file(key_file), key_store=store, active_ttl=1.0
+    )
+    registry.create_data_key("pii")
+    registry.create_index_key(INDEX_KEY)
+    Base.metadata.create_all(engine)
+    rows = 3000
+    emails = {i: f"user{i}@example.com" for i in range(1, rows + 1)}
+    insert_users(engine, emails)
+    registry.rotate_index_key(INDEX_KEY)
+    v1, v2 = (f"kf2:{INDEX_KEY}:{v}:" for v in (1, 2))
+    assert all(v.startswith(v1) for v in raw_indexes(engine).values())
+    queue = f"kf-test-{secrets.token_hex(4)}"
+    start_celery_workers(celery_workers, 2, queue, celery_env(db_url, key_file), tmp_path)
+    from sqlalchemy_kms_field.celery import enqueue_job
+    from tests.celery_app import app
+
+    sent = enqueue_job(
+        app, "bidx_users", "email_index", operation="reindex", metadata=Base.metadata,
+        workers=2, queue=queue, batch_size=200, range_rows=600,
+    )  # fmt: skip
+    assert len(sent) == 2
+    deadline = time.monotonic() + 120
+    while unfinished_jobs(engine):
+        assert time.monotonic() < deadline, (tmp_path / "celery-0.log").read_text()[-3000:]
+        assert all(p.poll() is None for p in celery_workers), "a Celery worker died"
+        time.sleep(0.2)
+    # Every row's index recomputed under v2, each the index of its own email.
+    stored = raw_indexes(engine)
+    assert all(v.startswith(v2) for v in stored.values())
+    assert stored == {i: INDEX.compute(e) for i, e in emails.items()}
+
+
 def test_enqueue_refuses_what_a_task_cannot_carry() -> None:
     from sqlalchemy_kms_field.celery import enqueue_job
+    from tests.test_blind_index import Base
 
     app = celery.Celery("kf_refusals", broker="memory://")
-    with pytest.raises(ConfigurationError, match="reindex needs the model"):
-        enqueue_job(app, "users", "email_index", key="idx", workers=2, operation="reindex")
+    with pytest.raises(
+        ConfigurationError, match=r"needs the models' BlindIndex: pass enqueue_job\(metadata"
+    ):
+        enqueue_job(app, "bidx_users", "email_index", workers=2, operation="reindex")
+    with pytest.raises(ConfigurationError, match="declares no BlindIndex column"):
+        enqueue_job(
+            app, "bidx_users", "email", workers=2, operation="reindex", metadata=Base.metadata
+        )
+    with pytest.raises(ConfigurationError, match="indexed under 'email-index'; drop key="):
+        enqueue_job(
+            app, "bidx_users", "email_index", key="pii", workers=2, operation="reindex",
+            metadata=Base.metadata,
+        )  # fmt: skip
+    with pytest.raises(ConfigurationError, match="needs key="):
+        enqueue_job(app, "users", "email", workers=2)
     with pytest.raises(ConfigurationError, match="not an option"):
         enqueue_job(app, "users", "email", key="pii", workers=2, engine_url="postgresql://x")
     with pytest.raises(ConfigurationError, match="workers=0"):

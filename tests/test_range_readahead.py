@@ -157,21 +157,21 @@ def test_workers_read_ahead_only_while_this_machine_has_a_core_for_each(
     registry.rotate_data_key("pii")
     seen: list[bool] = []
 
-    def run(cores: int, key: str) -> None:
+    def run(cores: int) -> None:
         monkeypatch.setattr(workers, "_cores", lambda: cores)
         seen.clear()
         result = reencrypt_column(
-            engine, "users", "email", key=key, registry=registry, batch_size=100,
+            engine, "users", "email", key="pii", registry=registry, batch_size=100,
             range_rows=200, workers=2, progress=lambda done, todo: seen.append(_reading_ahead()),
         )  # fmt: skip
         assert result.finished and result.rows_written == rows
 
     # Two workers of the job on a machine of one core: neither reads ahead, ever.
-    run(1, "pii")
+    run(1)
     assert len(seen) >= rows // 100 and not any(seen)
     # On two cores both do (the same job again, after a rotation).
     registry.rotate_data_key("pii")
-    run(2, "pii")
+    run(2)
     assert all(seen)
     assert stored_versions(engine) == {3: rows}
 
@@ -189,6 +189,7 @@ def test_a_worker_stops_reading_ahead_once_another_joins_on_its_cores_and_loses_
     monkeypatch.setattr(workers, "_cores", lambda: 1)
     monkeypatch.setattr(workers, "RECOUNT_SECONDS", 0.0)
     seen: list[bool] = []
+    other = workers.worker_name()  # of this host and this (living) process: counted
 
     def progress(done: int, todo: int) -> None:
         seen.append(_reading_ahead())
@@ -196,8 +197,9 @@ def test_a_worker_stops_reading_ahead_once_another_joins_on_its_cores_and_loses_
             with engine.begin() as conn:
                 ctl = conn.execute(sa.select(control_table)).one()
                 run = control.Run(REF, "reencrypt", ctl.run_id, ranges=0)
-                # Named as a worker of this host and this (living) process: counted.
-                control.register(conn, run, workers.worker_name(), db_now(conn))
+                control.register(conn, run, other, db_now(conn))
+        if len(seen) == 15:  # the other worker leaves
+            control.leave(engine, control.Run(REF, "reencrypt", "", ranges=0), other)
 
     result = reencrypt_column(
         engine, "users", "email", key="pii", registry=registry, batch_size=100, range_rows=200,
@@ -205,8 +207,10 @@ def test_a_worker_stops_reading_ahead_once_another_joins_on_its_cores_and_loses_
     )  # fmt: skip
     assert result.finished and (result.rows_written, result.rows_conflicted) == (rows, 0)
     assert all(seen[:3]), "alone on its core, the worker read ahead"
-    # What it had read and computed ahead was written (at most two batches), then no more.
-    assert not any(seen[3 + 2 :])
+    # What it had read and computed ahead was written (at most two batches), then no more
+    # while the other worker was there; alone again, it reads ahead from its next range on.
+    assert not any(seen[3 + 2 : 15])
+    assert all(seen[15 + 2 :]) and len(seen) > 15 + 2
     # No row left behind nor done twice where it switched: each range's own rows, 200 each,
     # and nothing left for the finishing step's census to find.
     done = [int(r.rows_done) for r in range_rows(engine)]

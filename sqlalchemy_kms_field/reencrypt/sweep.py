@@ -111,7 +111,7 @@ class _Job:
         self.update = sa.update(t).where(*where).values(values)
         # Read and compute batch k+1 in a thread while batch k is written (not on SQLite,
         # where a reader on a second connection can hold up the writer's commit), while
-        # ``read_ahead()`` says so, asked at each range: a worker reads ahead only while its
+        # ``read_ahead()`` says so, asked before each page: a worker reads ahead only while its
         # machine has a core for each worker there (workers.py); past that the two extra
         # threads only take turns on the same cores, costing CPU per row and throughput.
         self.pipelined = engine.dialect.name != "sqlite"

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from tests.databases import (
     DATABASES,
+    REQUIRE_DATABASES,
     SERVER_URLS,
     URL_VARIABLES,
     create_private_database,
@@ -28,7 +29,6 @@ from tests.databases import (
 from tests.kms_server import KmsServer, isolate_aws_environment
 
 REAL_AWS = bool(os.environ.get("KMS_FIELD_TEST_AWS_KEY_ID"))
-REQUIRE_DATABASES = os.environ.get("KMS_FIELD_REQUIRE_DATABASES", "") in {"1", "true", "yes"}
 
 _unreachable: dict[str, str | None] = {}  # database -> why it does not answer; probed once
 

@@ -20,6 +20,7 @@ import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field.exc import ConfigurationError
 from sqlalchemy_kms_field.reencrypt import unfinished_jobs
 from sqlalchemy_kms_field.reencrypt.tables import FINISH, ranges_table
+from tests.databases import REQUIRE_DATABASES
 from tests.helpers import reset_global_registry
 from tests.test_concurrent_writers import decrypted, setup_users, stored_versions
 
@@ -36,10 +37,18 @@ def broker_answers() -> bool:
     return True
 
 
-pytestmark = [
-    pytest.mark.databases("postgresql"),
-    pytest.mark.skipif(not broker_answers(), reason="RabbitMQ does not answer on 5672"),
-]
+pytestmark = [pytest.mark.databases("postgresql")]
+
+
+@pytest.fixture(autouse=True)
+def _broker() -> None:
+    """RabbitMQ must answer; CI (KMS_FIELD_REQUIRE_DATABASES=1) fails rather than skips."""
+    if broker_answers():
+        return
+    message = "RabbitMQ does not answer on 127.0.0.1:5672 (the Celery tests' broker): start it"
+    if REQUIRE_DATABASES:
+        pytest.fail(f"{message}. KMS_FIELD_REQUIRE_DATABASES=1 forbids skipping.", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,9 @@ ROOT = Path(__file__).parent.parent
 
 
 def broker_answers() -> bool:
+    url = urllib.parse.urlsplit(BROKER)
     try:
-        socket.create_connection(("127.0.0.1", 5672), timeout=2).close()
+        socket.create_connection((url.hostname, url.port or 5672), timeout=2).close()
     except OSError:
         return False
     return True
@@ -40,12 +42,15 @@ def broker_answers() -> bool:
 pytestmark = [pytest.mark.databases("postgresql")]
 
 
-@pytest.fixture(autouse=True)
-def _broker() -> None:
+@pytest.fixture
+def broker() -> None:
     """RabbitMQ must answer; CI (KMS_FIELD_REQUIRE_DATABASES=1) fails rather than skips."""
     if broker_answers():
         return
-    message = "RabbitMQ does not answer on 127.0.0.1:5672 (the Celery tests' broker): start it"
+    message = (
+        f"the Celery tests' broker does not answer at {BROKER.rpartition('@')[2]}: start RabbitMQ "
+        "or point KMS_FIELD_TEST_CELERY_BROKER at one"
+    )
     if REQUIRE_DATABASES:
         pytest.fail(f"{message}. KMS_FIELD_REQUIRE_DATABASES=1 forbids skipping.", pytrace=False)
     pytest.skip(message)
@@ -64,7 +69,7 @@ def key_file(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def celery_workers() -> Any:
+def celery_workers(broker: None) -> Any:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for p in started:

@@ -245,7 +245,8 @@ class _Job:
                 stop.set()
 
     def _sweep_one(self, claim: Claim) -> None:
-        """One range, one batch after the other (SQLite: no second connection reading)."""
+        """One range, one batch after the other (SQLite, which must not read on a second
+        connection, or a worker not reading ahead)."""
         last = claim.start
         while True:
             started = time.monotonic()

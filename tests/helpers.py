@@ -34,6 +34,15 @@ def reset_global_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kf_registry, "_registry", None)
 
 
+def reset_tenants(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start a test unconfigured and with no tenant keyring nor tenant settings."""
+    from sqlalchemy_kms_field import tenants
+
+    reset_global_registry(monkeypatch)
+    monkeypatch.setattr(tenants, "_keyring", None)
+    monkeypatch.setattr(tenants, "_settings", {})
+
+
 def configure_local(
     engine: sa.Engine,
     *,

@@ -19,7 +19,7 @@ import sqlalchemy_kms_field as kf
 import sqlalchemy_kms_field.asyncio as kfa
 from sqlalchemy_kms_field import tenants
 from tests.async_support import StallProbe, async_url
-from tests.helpers import local_master_key, raw_values, reset_global_registry
+from tests.helpers import local_master_key, raw_values, reset_tenants
 from tests.test_asyncio import run_in_thread
 
 pytestmark = pytest.mark.databases("sqlite", "postgresql", "mariadb")
@@ -41,9 +41,7 @@ NOTES: sa.Table = Note.__table__  # type: ignore[assignment]
 
 @pytest.fixture(autouse=True)
 def _unconfigured(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     yield
 
 

@@ -10,10 +10,9 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_kms_field as kf
-from sqlalchemy_kms_field import tenants
 from sqlalchemy_kms_field.reencrypt import reindex_column
 from sqlalchemy_kms_field.tenant_erasure import erase_tenant
-from tests.helpers import configure_local, reset_global_registry
+from tests.helpers import configure_local, reset_tenants
 
 
 class Base(DeclarativeBase):
@@ -36,9 +35,7 @@ members = Member.__table__
 
 @pytest.fixture
 def db(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     configure_local(engine)
     kf.create_index_key("email-index")
     kf.create_tenant_table()

@@ -24,9 +24,8 @@ import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import sqlalchemy_kms_field as kf
-from sqlalchemy_kms_field import tenants
 from sqlalchemy_kms_field.tenant_rotation import encrypt_tenants
-from tests.helpers import MASTER_KEY_B64, configure_local, reset_global_registry
+from tests.helpers import MASTER_KEY_B64, configure_local, reset_tenants
 from tests.test_cli import Cli, clean_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,9 +53,7 @@ plain = sa.table("plain_notes", sa.column("id"), sa.column("tenant_id"), sa.colu
 
 @pytest.fixture
 def db(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     configure_local(engine, active_ttl=0.5)
     kf.create_tenant_table()
     with engine.begin() as conn:  # the table as it was: a plaintext column

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import lifecycle, tenants
 from sqlalchemy_kms_field.tenant_erasure import erase_tenant, restore_tenant
-from tests.helpers import MASTER_KEY_B64, configure_local, reset_global_registry
+from tests.helpers import MASTER_KEY_B64, configure_local, reset_tenants
 from tests.kms_server import KmsServer
 from tests.test_cli import Cli, clean_environment
 
@@ -50,9 +50,7 @@ archive = sa.Table(
 
 @pytest.fixture
 def db(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     configure_local(engine, active_ttl=0.5)
     kf.create_tenant_table()
     metadata.create_all(engine)
@@ -184,9 +182,7 @@ def test_the_command_shows_the_census_and_asks_first(
 def test_backups_older_than_the_shred_no_longer_yield_the_tenant(
     engine: sa.Engine, db_url: str, kms: KmsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     old_alias = f"alias/kf-old-{uuid.uuid4().hex[:8]}"
     kms.create_alias(old_alias, kms.create_key("old master"))
     new_key = kms.create_key("new master")

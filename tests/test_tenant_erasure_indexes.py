@@ -20,7 +20,7 @@ import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import tenants
 from sqlalchemy_kms_field.census import ColumnRef
 from sqlalchemy_kms_field.tenant_erasure import IndexValues, erase_tenant
-from tests.helpers import configure_local, reset_global_registry
+from tests.helpers import configure_local, reset_tenants
 from tests.test_cli import Cli, clean_environment
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +48,7 @@ members: sa.Table = Member.__table__  # type: ignore[assignment]
 
 @pytest.fixture
 def db(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     configure_local(engine, names=("pii", "phones"), active_ttl=0.5)
     kf.create_index_key("email-index")
     kf.create_index_key("phone-index")

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import lifecycle, tenants
-from tests.helpers import reset_global_registry
+from tests.helpers import reset_tenants
 from tests.kms_server import KmsServer
 
 TENANTS = 40
@@ -36,9 +36,7 @@ notes = sa.Table(
 def setup(
     engine: sa.Engine, kms: KmsServer, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[sa.Engine, KmsServer, str]]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     key_id = kms.create_key("tenant hierarchy")
     fresh_process(engine, kms, key_id)
     kf.SqlKeyStore(engine).create_table()

@@ -17,9 +17,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import sqlalchemy_kms_field as kf
-from sqlalchemy_kms_field import tenants
 from sqlalchemy_kms_field.tenant_erasure import erase_tenant
-from tests.helpers import configure_local, raises_kf, reset_global_registry
+from tests.helpers import configure_local, raises_kf, reset_tenants
 from tests.test_metrics import points
 
 
@@ -44,9 +43,7 @@ TENANT = (("key", "pii"), ("tenant_keys", True))
 
 @pytest.fixture
 def reader(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemoryMetricReader]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     configure_local(engine)
     kf.create_tenant_table()
     Base.metadata.create_all(engine)

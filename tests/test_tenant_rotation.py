@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import sqlalchemy_kms_field as kf
 from sqlalchemy_kms_field import tenants
 from sqlalchemy_kms_field.tenant_rotation import reencrypt_tenant, reencrypt_tenants
-from tests.helpers import MASTER_KEY_B64, configure_local, reset_global_registry
+from tests.helpers import MASTER_KEY_B64, configure_local, reset_tenants
 from tests.scripts.tenant_rotate_job import metadata, notes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,9 +32,7 @@ ROWS = 60
 
 @pytest.fixture
 def db(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> Iterator[sa.Engine]:
-    reset_global_registry(monkeypatch)
-    monkeypatch.setattr(tenants, "_keyring", None)
-    monkeypatch.setattr(tenants, "_settings", {})
+    reset_tenants(monkeypatch)
     configure_local(engine, active_ttl=0.5)
     kf.create_tenant_table()
     metadata.create_all(engine)

@@ -76,7 +76,9 @@ def run_worker(
     _check(operation, options)
     index = None
     if operation == "reindex":
-        index = _index(metadata, table, column, options, where="install(app, metadata=...)")
+        index = _index(
+            metadata, table, column, options.get("schema"), where="install(app, metadata=...)"
+        )
     registry = get_registry()
     try:
         result = run_job(
@@ -117,7 +119,7 @@ def _check(operation: str, options: dict[str, Any]) -> None:
 
 
 def _index(
-    metadata: sa.MetaData | None, table: str, column: str, options: dict[str, Any], where: str
+    metadata: sa.MetaData | None, table: str, column: str, schema: str | None, where: str
 ) -> BlindIndex:
     """For a reindex: the BlindIndex the models declare ``table.column`` with."""
     if metadata is None:
@@ -125,7 +127,7 @@ def _index(
             f"a reindex of {table}.{column} needs the models' BlindIndex: pass {where} "
             "(the MetaData that declares the column)"
         )
-    declared = declared_column(metadata, table, column, options.get("schema"))
+    declared = declared_column(metadata, table, column, schema)
     if declared is None or not isinstance(declared.type, BlindIndex):
         raise ConfigurationError(
             f"{table}.{column}: the metadata given to {where.partition('(')[0]} declares no "
@@ -174,7 +176,9 @@ def enqueue_job(
         raise ConfigurationError(f"workers={workers!r}: use a whole number, 1 or more")
     index = None
     if operation == "reindex":
-        index = _index(metadata, table, column, options, where="enqueue_job(metadata=...)")
+        index = _index(
+            metadata, table, column, options.get("schema"), where="enqueue_job(metadata=...)"
+        )
         if key is not None and key != index.key:
             raise ConfigurationError(
                 f"key={key!r}: {table}.{column} is indexed under {index.key!r}; drop key="

@@ -318,27 +318,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     first = min(results)
     for w, by_kind in results.items():
         for kind in kinds:
-            runs = by_kind[kind]
             label = "plain rewrite" if kind == "baseline" else (
                 "library" if kind == "library" else f"before {os.path.basename(kind.rstrip('/'))}"
             )  # fmt: skip
-            for i, f in enumerate([*runs, _median(runs)] if len(runs) > 1 else runs):
-                name = f"{label} (median)" if i == len(runs) else label
-                if len(runs) > 1 and i < len(runs):
-                    name += f" round {i + 1}"
-                base = (_median(by_kind["baseline"]) if i == len(runs) else by_kind["baseline"][i])[
-                    "rows_s"
-                ]
-                one_runs = results[first][kind]
-                one = _median(one_runs) if i == len(runs) else one_runs[min(i, len(one_runs) - 1)]
+            # Each round against the baseline of its round and this contender's W=1 figure of
+            # its round; the medians against the medians.
+            lines = zip(
+                _rounds(by_kind[kind]),
+                _rounds(by_kind["baseline"]),
+                _rounds(results[first][kind]),
+                strict=True,
+            )
+            for (suffix, f), (_, base), (_, one) in lines:
                 print(
-                    f"| {w} | {name} | {f['rows_s']:,.0f} | {f['rows_s'] / base:.2f}x "
+                    f"| {w} | {label}{suffix} | {f['rows_s']:,.0f} "
+                    f"| {f['rows_s'] / base['rows_s']:.2f}x "
                     f"| {f['rows_s'] / one['rows_s']:.2f}x "
                     f"| {f['client_us']:.1f} + {f['server_us']:.1f} µs "
                     f"| {f['growth_kib'] / 1024:.1f} MiB |"
                 )
     drop(engine)
     return 0
+
+
+def _rounds(runs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    """The lines of a table for these rounds: each round, then the medians (one round: itself)."""
+    if len(runs) == 1:
+        return [("", runs[0])]
+    return [*((f" round {i}", r) for i, r in enumerate(runs, 1)), (" (median)", _median(runs))]
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
